@@ -1,0 +1,53 @@
+"""The `neva` command: one subcommand per stage, each a thin layer over the library.
+
+Each module in `neva_core.commands` registers its own subcommand; heavy imports (torch, transformers)
+happen inside the handlers so that `neva --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from neva_core.errors import NevaError
+
+COMMAND_MODULES = (
+    "fixtures",
+    "download",
+    "unzip",
+    "shard",
+    "tokenizer",
+    "convert",
+    "repartition",
+    "export",
+    "demo",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="neva", description="NeVA / LLaVA training pipeline: data, checkpoint and training stages."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"neva_core.commands.{name}").register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return int(args.handler(args) or 0)
+    except NevaError as exc:
+        print(f"neva {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
