@@ -1,0 +1,50 @@
+import json
+import os
+from pathlib import Path
+
+from neva_core.fingerprint import cache_key, path_fingerprint
+
+
+def test_file_fingerprint_follows_size_and_mtime(tmp_path: Path) -> None:
+    path = tmp_path / "data.json"
+    path.write_text("[1]")
+    first = path_fingerprint(path)
+    assert path_fingerprint(path) == first
+    path.write_text("[12]")
+    assert path_fingerprint(path) != first
+    # Same size, new mtime: still a change (no content read, so mtime stands in for it).
+    before = path_fingerprint(path)
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    assert path_fingerprint(path) != before
+
+
+def test_folder_with_manifest_is_keyed_by_manifest(tmp_path: Path) -> None:
+    (tmp_path / "a.tar").write_bytes(b"x")
+    (tmp_path / "manifest.json").write_text(json.dumps({"files": {"a.tar": {"sha256": "1"}}}))
+    first = path_fingerprint(tmp_path)
+    # A temporary file of an interrupted writer does not change what the folder holds.
+    (tmp_path / ".b.tar.tmp-1-abc").write_bytes(b"partial")
+    assert path_fingerprint(tmp_path) == first
+    (tmp_path / "manifest.json").write_text(json.dumps({"files": {"a.tar": {"sha256": "2"}}}))
+    assert path_fingerprint(tmp_path) != first
+
+
+def test_folder_without_manifest_is_keyed_by_listing(tmp_path: Path) -> None:
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "x.jpg").write_bytes(b"1")
+    first = path_fingerprint(tmp_path)
+    (tmp_path / "sub" / "y.jpg").write_bytes(b"2")
+    assert path_fingerprint(tmp_path) != first
+    assert path_fingerprint(tmp_path / "nothing-here") == "missing"
+
+
+def test_cache_key_depends_on_stage_params_and_content(tmp_path: Path) -> None:
+    src = tmp_path / "in.bin"
+    src.write_bytes(b"abc")
+    key = cache_key("shard", src=src, maxcount=10)
+    assert key == cache_key("shard", src=src, maxcount=10)
+    assert key != cache_key("shard", src=src, maxcount=11)
+    assert key != cache_key("convert", src=src, maxcount=10)
+    src.write_bytes(b"abcd")
+    assert key != cache_key("shard", src=src, maxcount=10)
