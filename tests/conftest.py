@@ -1,0 +1,26 @@
+"""Session-wide pytest fixtures: the synthetic assets, built once per test session.
+
+Tests must treat these folders as read-only (copy what you want to change into `tmp_path`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from neva_core.fixtures import Fixtures, make_fixtures
+from neva_core.tokenizer import TokenizerExtension, extend_tokenizer
+
+
+@pytest.fixture(scope="session")
+def neva_fixtures(tmp_path_factory: pytest.TempPathFactory) -> Fixtures:
+    """The default fixtures (seed 0, 64 pretraining images of 64 px, tiny LLaMA and CLIP, tokenizer)."""
+    return make_fixtures(tmp_path_factory.mktemp("neva-fixtures"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def neva_tokenizer(neva_fixtures: Fixtures, tmp_path_factory: pytest.TempPathFactory) -> TokenizerExtension:
+    """The fixture tokenizer extended with NeVA's <extra_id_0>..<extra_id_7> (ids 384..391, vocab 392)."""
+    out: Path = tmp_path_factory.mktemp("neva-tokenizer") / "extended"
+    return extend_tokenizer(neva_fixtures.tokenizer_model, out)
