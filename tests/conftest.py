@@ -5,12 +5,21 @@ Tests must treat these folders as read-only (copy what you want to change into `
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
-import pytest
+# Before anything imports prefect or huggingface_hub: Prefect's cache records and database live in a
+# throwaway home, and no test may reach the network (the Hub client fetches telemetry otherwise).
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="neva-prefect-home-")
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 
-from neva_core.fixtures import Fixtures, make_fixtures
-from neva_core.tokenizer import TokenizerExtension, extend_tokenizer
+import pytest  # noqa: E402
+
+from neva_core.fixtures import Fixtures, make_fixtures  # noqa: E402
+from neva_core.tokenizer import TokenizerExtension, extend_tokenizer  # noqa: E402
 
 
 @pytest.fixture(scope="session")
