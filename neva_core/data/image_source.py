@@ -1,0 +1,309 @@
+"""Image bytes by relative path, from the dataset's images.zip as downloaded or from an extracted folder.
+
+Reading straight from the zip saves the full extraction (27 GB written, then read again) that the
+original recipe starts with. The parent process parses the zip's central directory once into a compact
+index and hands each worker only the entry's location, so workers neither re-parse the directory nor
+hold ~600k `ZipInfo` objects each; a worker reads an entry with two `pread` calls on its own handle.
+
+Paths in records are checked lexically before they get here (`records.normalise_image_path`): relative,
+no `..`, so nothing outside the image root is ever named.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+import zlib
+from array import array
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from neva_core.data.images import CORRUPT_IMAGE, MISSING_IMAGE, UNREADABLE_IMAGE, ImageRejected
+from neva_core.errors import NevaError
+
+ZIP, FOLDER = "zip", "folder"
+
+_EOCD = struct.Struct("<4s4H2LH")
+_EOCD_SIG = b"PK\x05\x06"
+_ZIP64_LOCATOR = struct.Struct("<4sLQL")
+_ZIP64_LOCATOR_SIG = b"PK\x06\x07"
+_ZIP64_EOCD = struct.Struct("<4sQ2H2L4Q")
+_ZIP64_EOCD_SIG = b"PK\x06\x06"
+_CENTRAL = struct.Struct("<4s6H3L5H2L")
+_CENTRAL_SIG = b"PK\x01\x02"
+_LOCAL = struct.Struct("<4s5H3L2H")
+_LOCAL_SIG = b"PK\x03\x04"
+_ZIP64_EXTRA_ID = 0x0001
+_MAX_COMMENT = 0xFFFF
+_UTF8_FLAG = 0x800
+_ENCRYPTED_FLAG = 0x1
+_STORED, _DEFLATED = 0, 8
+
+
+class ZipEntryRef(NamedTuple):
+    """Where one zip entry's bytes are: all a worker needs to read it."""
+
+    header_offset: int
+    compressed_size: int
+    size: int
+    method: int
+    flags: int
+
+
+@dataclass(frozen=True)
+class ReaderSpec:
+    """Picklable description of an image source; each worker opens its own reader from it."""
+
+    kind: str
+    path: str
+
+
+class ZipImageSource:
+    """images.zip: its central directory as a compact name -> location index."""
+
+    kind = ZIP
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._positions: dict[str, int] = {}
+        self._offsets = array("Q")
+        self._compressed = array("Q")
+        self._sizes = array("Q")
+        self._methods = array("H")
+        self._flags = array("H")
+        with open(path, "rb") as f:
+            directory = _read_central_directory(f, path)
+        self._digest = hashlib.sha256(directory.data).hexdigest()
+        self._parse(directory)
+
+    def __len__(self) -> int:
+        return len(self._positions)
+
+    def fingerprint(self) -> dict[str, Any]:
+        # The central directory lists every entry's name, sizes and CRC-32, so its hash follows the
+        # content; the mtime is left out so that a re-download of the same archive still resumes.
+        return {
+            "kind": ZIP, "bytes": self.path.stat().st_size, "entries": len(self),
+            "central_directory_sha256": self._digest,
+        }
+
+    def locate(self, relative: str) -> ZipEntryRef | None:
+        position = self._positions.get(relative)
+        if position is None:
+            return None
+        return ZipEntryRef(
+            self._offsets[position], self._compressed[position], self._sizes[position],
+            self._methods[position], self._flags[position],
+        )
+
+    @property
+    def reader_spec(self) -> ReaderSpec:
+        return ReaderSpec(ZIP, str(self.path))
+
+    def _parse(self, directory: _CentralDirectory) -> None:
+        data = memoryview(directory.data)
+        pos = 0
+        while pos < len(data):
+            if data[pos : pos + 4] != _CENTRAL_SIG:
+                raise NevaError(
+                    f"{self.path}: damaged zip central directory at entry {len(self._offsets)}; "
+                    "re-download the archive"
+                )
+            fields = _CENTRAL.unpack_from(data, pos)
+            flags, method, compressed, size = fields[3], fields[4], fields[8], fields[9]
+            name_len, extra_len, comment_len, offset = fields[10], fields[11], fields[12], fields[16]
+            name_start = pos + _CENTRAL.size
+            raw_name = bytes(data[name_start : name_start + name_len])
+            extra = data[name_start + name_len : name_start + name_len + extra_len]
+            size, compressed, offset = _apply_zip64(extra, size, compressed, offset)
+            pos = name_start + name_len + extra_len + comment_len
+            name = raw_name.decode("utf-8" if flags & _UTF8_FLAG else "cp437")
+            if name.endswith("/"):
+                continue  # a folder entry
+            self._add(name.replace("\\", "/"), offset + directory.shift, compressed, size, method, flags)
+
+    def _add(self, name: str, offset: int, compressed: int, size: int, method: int, flags: int) -> None:
+        self._positions[name] = len(self._offsets)
+        self._offsets.append(offset)
+        self._compressed.append(compressed)
+        self._sizes.append(size)
+        self._methods.append(method)
+        self._flags.append(flags)
+
+
+class FolderImageSource:
+    """An extracted image folder (e.g. `neva unzip` output)."""
+
+    kind = FOLDER
+
+    def __init__(self, root: Path) -> None:
+        self.path = root
+
+    def fingerprint(self) -> dict[str, Any]:
+        """A digest of every file's relative path, size and mtime, walked in sorted order."""
+        digest = hashlib.sha256()
+        files = 0
+        for dirpath, dirnames, filenames in os.walk(self.path):
+            dirnames.sort()
+            relative_dir = os.path.relpath(dirpath, self.path)
+            for name in sorted(filenames):
+                stat = os.stat(os.path.join(dirpath, name))
+                line = f"{relative_dir}/{name}\0{stat.st_size}\0{stat.st_mtime_ns}\n"
+                digest.update(line.encode(errors="surrogateescape"))
+                files += 1
+        return {"kind": FOLDER, "files": files, "listing_sha256": digest.hexdigest()}
+
+    def locate(self, relative: str) -> str:
+        return relative  # existence is checked when the worker opens the file
+
+    @property
+    def reader_spec(self) -> ReaderSpec:
+        return ReaderSpec(FOLDER, str(self.path))
+
+
+ImageSource = ZipImageSource | FolderImageSource
+
+
+def open_image_source(path: Path) -> ImageSource:
+    """A folder of images, or a zip archive of them."""
+    if path.is_dir():
+        return FolderImageSource(path)
+    if path.is_file():
+        return ZipImageSource(path)
+    raise NevaError(f"--images {path} does not exist; give the dataset's images.zip or its extracted folder")
+
+
+class ZipReader:
+    """One worker's handle on images.zip."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        try:
+            self.fd = os.open(path, os.O_RDONLY)
+        except OSError as exc:
+            raise NevaError(f"cannot open {path}: {exc.strerror or exc}; was it moved during the run?") from None
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def read(self, ref: ZipEntryRef | None, name: str) -> bytes:
+        if ref is None:
+            raise ImageRejected(MISSING_IMAGE, f"{name} is not in {self.path}")
+        if ref.flags & _ENCRYPTED_FLAG:
+            raise ImageRejected(UNREADABLE_IMAGE, f"{name} is encrypted in {self.path}")
+        if ref.method not in (_STORED, _DEFLATED):
+            raise ImageRejected(
+                UNREADABLE_IMAGE,
+                f"{name} uses zip compression method {ref.method}; only stored and deflate are read (re-zip it)",
+            )
+        raw = os.pread(self.fd, ref.compressed_size, self._data_offset(ref, name))
+        if len(raw) != ref.compressed_size:
+            raise ImageRejected(CORRUPT_IMAGE, f"{name}: the zip entry is cut short (archive truncated?)")
+        data = raw if ref.method == _STORED else _inflate(raw, ref.size, name)
+        if len(data) != ref.size:
+            raise ImageRejected(CORRUPT_IMAGE, f"{name}: the zip entry has {len(data)} bytes, expected {ref.size}")
+        return data
+
+    def _data_offset(self, ref: ZipEntryRef, name: str) -> int:
+        header = os.pread(self.fd, _LOCAL.size, ref.header_offset)
+        if len(header) != _LOCAL.size or header[:4] != _LOCAL_SIG:
+            raise ImageRejected(CORRUPT_IMAGE, f"{name}: damaged zip entry header in {self.path}")
+        fields = _LOCAL.unpack(header)
+        return ref.header_offset + _LOCAL.size + fields[9] + fields[10]
+
+
+class FolderReader:
+    def __init__(self, path: str) -> None:
+        self.root = path
+
+    def close(self) -> None:
+        """Nothing is held open between reads."""
+
+    def read(self, ref: str, name: str) -> bytes:
+        path = os.path.join(self.root, ref)
+        try:
+            with open(path, "rb") as f:
+                return f.read()
+        except (FileNotFoundError, NotADirectoryError):
+            raise ImageRejected(MISSING_IMAGE, f"{name} is not in {self.root}") from None
+        except IsADirectoryError:
+            raise ImageRejected(MISSING_IMAGE, f"{name} is a folder in {self.root}, not a file") from None
+        except OSError as exc:
+            raise ImageRejected(UNREADABLE_IMAGE, f"{name}: {exc.strerror or exc}") from None
+
+
+ImageReader = ZipReader | FolderReader
+
+
+def open_reader(spec: ReaderSpec) -> ImageReader:
+    return ZipReader(spec.path) if spec.kind == ZIP else FolderReader(spec.path)
+
+
+def _inflate(raw: bytes, size: int, name: str) -> bytes:
+    try:
+        return zlib.decompress(raw, -15, size or 1)
+    except zlib.error as exc:
+        raise ImageRejected(CORRUPT_IMAGE, f"{name}: damaged compressed data in the zip ({exc})") from None
+
+
+@dataclass(frozen=True)
+class _CentralDirectory:
+    data: bytes
+    shift: int  # bytes prepended before the archive (self-extractors); added to every stored offset
+
+
+def _read_central_directory(f: Any, path: Path) -> _CentralDirectory:
+    size = os.fstat(f.fileno()).st_size
+    tail_start = max(0, size - _EOCD.size - _MAX_COMMENT)
+    f.seek(tail_start)
+    tail = f.read()
+    found = tail.rfind(_EOCD_SIG)
+    if found < 0 or found + _EOCD.size > len(tail):
+        raise NevaError(f"--images {path} is not a zip archive (no end-of-central-directory record)")
+    eocd_at = tail_start + found
+    _, disk, _, _, _, cd_size, cd_offset, _ = _EOCD.unpack_from(tail, found)
+    directory_end = eocd_at
+    locator = _read_at(f, eocd_at - _ZIP64_LOCATOR.size, _ZIP64_LOCATOR.size)
+    if locator[:4] == _ZIP64_LOCATOR_SIG:
+        directory_end = eocd_at - _ZIP64_LOCATOR.size - _ZIP64_EOCD.size
+        record = _read_at(f, directory_end, _ZIP64_EOCD.size)
+        if record[:4] != _ZIP64_EOCD_SIG:
+            raise NevaError(f"{path}: damaged zip64 end record; re-download the archive")
+        fields = _ZIP64_EOCD.unpack(record)
+        disk, cd_size, cd_offset = fields[4], fields[8], fields[9]
+    if disk != 0:
+        raise NevaError(f"{path} is a multi-part (spanned) zip; join the parts into one archive first")
+    shift = directory_end - cd_size - cd_offset
+    if shift < 0:
+        raise NevaError(f"{path}: the central directory lies outside the file (truncated download?)")
+    data = _read_at(f, directory_end - cd_size, cd_size)
+    if len(data) != cd_size:
+        raise NevaError(f"{path}: the central directory is cut short (truncated download?)")
+    return _CentralDirectory(data, shift)
+
+
+def _read_at(f: Any, offset: int, size: int) -> bytes:
+    if offset < 0:
+        return b""
+    f.seek(offset)
+    return f.read(size)
+
+
+def _apply_zip64(extra: memoryview, size: int, compressed: int, offset: int) -> tuple[int, int, int]:
+    """Replace 0xFFFFFFFF placeholders with the 64-bit values of the zip64 extra field."""
+    if 0xFFFFFFFF not in (size, compressed, offset):
+        return size, compressed, offset
+    pos = 0
+    while pos + 4 <= len(extra):
+        field_id, field_len = struct.unpack_from("<HH", extra, pos)
+        if field_id == _ZIP64_EXTRA_ID:
+            values = iter(struct.unpack_from(f"<{field_len // 8}Q", extra, pos + 4))
+            # Only the fields whose 32-bit value overflowed are present, in this fixed order.
+            size = next(values) if size == 0xFFFFFFFF else size
+            compressed = next(values) if compressed == 0xFFFFFFFF else compressed
+            offset = next(values) if offset == 0xFFFFFFFF else offset
+            return size, compressed, offset
+        pos += 4 + field_len
+    return size, compressed, offset

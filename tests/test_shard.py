@@ -1,0 +1,401 @@
+"""Webdataset sharding: validation, determinism, resume after SIGKILL, manifest, CLI (neva_core.data.shards)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+import webdataset as wds
+from PIL import Image
+from shard_support import (
+    assert_invariant,
+    dataset,
+    faulty_dataset,
+    image_bytes,
+    image_name,
+    manifest,
+    record,
+    shard_files,
+    skipped_lines,
+    tar_members,
+    valid_dataset,
+    write_json,
+    write_zip,
+)
+
+from neva_core import cli
+from neva_core.data import shards
+from neva_core.data.image_source import ZipImageSource, ZipReader
+from neva_core.data.shards import read_shard_manifest, shard_dataset, split_of, tar_header
+from neva_core.errors import NevaError
+from neva_core.io import MANIFEST_NAME
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def output_bytes(out: Path) -> dict[str, bytes]:
+    """Every file a run leaves that must be identical across runs (the sqlite index is compared by rows)."""
+    names = [p for p in out.rglob("*") if p.is_file() and ".neva-shard" not in p.parts and p.name != "index.sqlite"]
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(names)}
+
+
+def test_valid_records_round_trip_through_webdataset(tmp_path):
+    records, images = valid_dataset(12)
+    records.insert(5, record("text-only", caption="no picture"))
+    json_path, zip_path, _ = dataset(tmp_path, records, images)
+    result = shard_dataset(json_path, zip_path, tmp_path / "out", maxcount=5, workers=1)
+
+    assert (result.records, result.written, result.skipped, result.shards) == (13, 13, 0, 3)
+    assert result.split_samples == {"train": 13, "val": 0}
+    assert [s["name"] for s in manifest(tmp_path / "out")["shards"]] == [f"train-00000{i}.tar" for i in range(3)]
+    urls = [str(tmp_path / "out" / f"train-00000{i}.tar") for i in range(3)]
+    samples = list(wds.WebDataset(urls, shardshuffle=False, empty_check=False))
+    assert [s["__key__"] for s in samples] == [str(r["id"]) for r in records]
+    for sample, original in zip(samples, records):
+        assert json.loads(sample["json"]) == original
+        if "image" in original:
+            assert sample["jpg"] == images[original["image"]]
+        else:
+            assert "jpg" not in sample and "png" not in sample
+    assert_invariant(tmp_path / "out")
+
+
+def test_zip_and_folder_give_identical_shards(tmp_path):
+    records, images, _ = faulty_dataset()
+    json_path, zip_path, folder = dataset(tmp_path, records, images)
+    deflated = write_zip(tmp_path / "deflated.zip", images, zipfile.ZIP_DEFLATED)
+    (tmp_path / "outside.jpg").write_bytes(image_bytes(99))  # what "../outside.jpg" would reach from the folder
+    results = [shard_dataset(json_path, source, tmp_path / f"out-{i}", maxcount=4, workers=1)
+               for i, source in enumerate((zip_path, folder, deflated))]
+    assert results[0].written == results[1].written == results[2].written > 0
+    assert shard_files(tmp_path / "out-0") == shard_files(tmp_path / "out-1") == shard_files(tmp_path / "out-2")
+    reasons = [[line["reason"] for line in skipped_lines(tmp_path / f"out-{i}")] for i in range(3)]
+    assert reasons[0] == reasons[1] == reasons[2]
+
+
+def test_every_fault_is_skipped_with_its_reason_and_the_invariant_holds(tmp_path):
+    records, images, expected = faulty_dataset()
+    json_path, zip_path, _ = dataset(tmp_path, records, images)
+    result = shard_dataset(json_path, zip_path, tmp_path / "out", maxcount=4, workers=1)
+    out = tmp_path / "out"
+
+    assert {line["index"]: line["reason"] for line in skipped_lines(out)} == {
+        i: reason for i, reason in enumerate(expected) if reason
+    }
+    assert result.skipped == sum(1 for reason in expected if reason)
+    assert result.written == expected.count(None)
+    assert result.converted_by_reason == {"bmp": 1, "gif": 1}
+    assert manifest(out)["relabeled_by_format"] == {"png_named_jpg": 1}
+    data = assert_invariant(out)
+    assert data["skipped_by_reason"]["corrupt_image"] == 4
+
+    members = dict(member for shard in data["shards"] for member in tar_members(out / shard["name"]))
+    assert members["png-as-jpg.png"] == images["odd/png-named.jpg"]  # original bytes, real extension
+    assert members["trailer.jpg"] == images["odd/trailer.jpg"]
+    gif = Image.open(io.BytesIO(members["gif-as-jpg.png"]))
+    assert (gif.format, gif.mode, gif.size) == ("PNG", "RGB", (24, 16))
+    assert json.loads(members["a%2Eb.json"])["id"] == "a.b"  # the key is encoded, the record is untouched
+    assert json.loads(members["dup.json"])["image"] == "dup/first.jpg"  # the first of two duplicates wins
+    assert "text-only.json" in members and not any(name.startswith("text-only.") and name != "text-only.json"
+                                                    for name in members)
+    by_index = {line["index"]: line for line in skipped_lines(out)}
+    assert by_index[9]["id"] == "dup" and "already used by record 8" in by_index[9]["detail"]
+    assert "escapes the image root" in by_index[17]["detail"]
+
+
+def test_all_bad_dataset_writes_no_shard_but_a_complete_manifest(tmp_path):
+    records = [record(f"m{i}", f"missing/{i}.jpg") for i in range(5)] + [{"id": "x"}, "not a record"]
+    json_path, zip_path, _ = dataset(tmp_path, records, {"unrelated.jpg": image_bytes(0)})
+    result = shard_dataset(json_path, zip_path, tmp_path / "out", maxcount=2, workers=2)
+    assert (result.records, result.written, result.skipped, result.shards) == (7, 0, 7, 0)
+    assert result.skipped_by_reason == {"bad_conversations": 1, "missing_image": 5, "not_an_object": 1}
+    assert list((tmp_path / "out").glob("*.tar")) == []
+    assert_invariant(tmp_path / "out")
+    assert read_shard_manifest(tmp_path / "out")["written"] == 0
+
+
+def test_output_is_byte_identical_for_one_and_three_workers_and_across_runs(tmp_path):
+    records, images = valid_dataset(40)
+    faulty_records, faulty_images, _ = faulty_dataset()
+    json_path, zip_path, _ = dataset(tmp_path, records + faulty_records, images | faulty_images)
+    runs = {}
+    for name, workers in (("one", 1), ("three", 3), ("again", 3)):
+        shard_dataset(json_path, zip_path, tmp_path / name, maxcount=6, workers=workers, val_fraction=0.25)
+        runs[name] = output_bytes(tmp_path / name)
+    assert runs["one"] == runs["three"] == runs["again"]
+    data = assert_invariant(tmp_path / "one")
+    assert data["splits"]["val"]["samples"] > 0 and data["splits"]["train"]["samples"] > 0
+    assert any(name.startswith("val-") for name in runs["one"])
+
+
+def test_split_assignment_is_stable_when_records_are_added():
+    keys = [f"{i:09d}" for i in range(2000)]
+    before = {key: split_of(key, 0.1, 0) for key in keys[:1000]}
+    assert all(split_of(key, 0.1, 0) == split for key, split in before.items())
+    val_share = sum(split_of(key, 0.1, 0) == "val" for key in keys) / len(keys)
+    assert 0.07 < val_share < 0.13
+    assert {key for key in keys if split_of(key, 0.1, 1) == "val"} != {k for k in keys if split_of(k, 0.1, 0) == "val"}
+    assert all(split_of(key, 0.0, 0) == "train" for key in keys)
+
+
+@pytest.mark.parametrize("name, size", [
+    ("000000001.jpg", 0), ("000000001.json", 511), ("k.png", 512), ("x" * 95 + ".json", 10**9),
+    ("x" * 120 + ".jpg", 3), ("caf\u00e9.json", 7), ("k.jpg", 8**11),
+])
+def test_tar_headers_match_what_tarfile_writes(name, size):
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode, info.uname, info.gname = size, 0, 0o644, "", ""
+    assert tar_header(name, size) == info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+
+
+def test_long_and_non_ascii_keys_read_back(tmp_path):
+    long_id, accented = "L" * 150, "caf\u00e9-\u4e2d"
+    records = [record(long_id, "a.jpg"), record(accented, "b.jpg")]
+    json_path, zip_path, _ = dataset(tmp_path, records, {"a.jpg": image_bytes(1), "b.jpg": image_bytes(2)})
+    shard_dataset(json_path, zip_path, tmp_path / "out", workers=1)
+    samples = list(wds.WebDataset(str(tmp_path / "out" / "train-000000.tar"), shardshuffle=False, empty_check=False))
+    assert [s["__key__"] for s in samples] == [long_id, accented]
+
+
+def test_rerun_with_same_inputs_is_a_no_op(tmp_path):
+    records, images = valid_dataset(6)
+    json_path, zip_path, _ = dataset(tmp_path, records, images)
+    first = shard_dataset(json_path, zip_path, tmp_path / "out", maxcount=4, workers=1)
+    before = output_bytes(tmp_path / "out")
+    again = shard_dataset(json_path, zip_path, tmp_path / "out", maxcount=4, workers=2)
+    assert again.already_complete and not first.already_complete
+    assert (again.written, again.shards, again.reused_shards) == (6, 2, 2)
+    assert output_bytes(tmp_path / "out") == before
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"maxcount": 3}, "different params"),
+    ({"val_fraction": 0.5}, "different params"),
+    ({"json": True}, "different json"),
+    ({"images": True}, "different images"),
+])
+def test_rerun_with_other_inputs_or_parameters_is_refused(tmp_path, change, message):
+    records, images = valid_dataset(6)
+    json_path, zip_path, _ = dataset(tmp_path, records, images)
+    out = tmp_path / "out"
+    (out / ".neva-shard").mkdir(parents=True)  # an interrupted run: only its run record exists
+    shard_dataset(json_path, zip_path, out, maxcount=4, workers=1)
+    (out / MANIFEST_NAME).unlink()
+    if change.pop("json", False):
+        write_json(json_path, records[:-1])
+    if change.pop("images", False):
+        write_zip(zip_path, images | {"extra.jpg": image_bytes(50)})
+    before = output_bytes(out)
+    with pytest.raises(NevaError, match=message):
+        shard_dataset(json_path, zip_path, out, workers=1, **({"maxcount": 4} | change))
+    assert output_bytes(out) == before
+
+
+def test_a_folder_not_written_by_shard_is_refused(tmp_path):
+    records, images = valid_dataset(2)
+    json_path, zip_path, _ = dataset(tmp_path, records, images)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    with pytest.raises(NevaError, match="did not write"):
+        shard_dataset(json_path, zip_path, tmp_path / "out", workers=1)
+    assert (tmp_path / "out" / "notes.txt").read_text() == "mine"
+
+
+def test_resume_redoes_unrecorded_or_damaged_shards_and_removes_temporaries(tmp_path):
+    records, images = valid_dataset(20)
+    json_path, zip_path, _ = dataset(tmp_path, records, images)
+    shard_dataset(json_path, zip_path, tmp_path / "reference", maxcount=4, workers=1)
+    out = tmp_path / "out"
+    shard_dataset(json_path, zip_path, out, maxcount=4, workers=1)
+    # What a killed run can leave: no manifest, a tar without its record, a cut tar, temporaries.
+    (out / MANIFEST_NAME).unlink()
+    (out / ".neva-shard" / "train-000001.json").unlink()
+    (out / "train-000002.tar").write_bytes((out / "train-000002.tar").read_bytes()[:1000])
+    (out / ".train-000003.tar.tmp-1-deadbeef").write_bytes(b"partial")
+    (out / ".neva-shard" / ".train-000004.json.tmp-1-deadbeef").write_text("{")
+    (out / ".nv-meta" / ".index.sqlite.tmp-1-deadbeef").write_bytes(b"\0")
+    (out / "train-000004.tar.idx").unlink()  # a tar and record whose index is gone: redone as well
+
+    result = shard_dataset(json_path, zip_path, out, maxcount=4, workers=2)
+    assert result.reused_shards == 2 and not result.already_complete
+    assert output_bytes(out) == output_bytes(tmp_path / "reference")
+    assert not [p for p in out.rglob("*") if ".tmp" in p.name]
+
+
+def test_damaged_shard_after_completion_is_detected_and_rewritten(tmp_path):
+    records, images = valid_dataset(8)
+    json_path, zip_path, _ = dataset(tmp_path, records, images)
+    out = tmp_path / "out"
+    shard_dataset(json_path, zip_path, out, maxcount=4, workers=1)
+    good = output_bytes(out)
+    shard = out / "train-000001.tar"
+    shard.write_bytes(shard.read_bytes()[:-10240])
+    with pytest.raises(NevaError, match="has .* bytes, the manifest says"):
+        read_shard_manifest(out)
+    result = shard_dataset(json_path, zip_path, out, maxcount=4, workers=1)
+    assert result.reused_shards == 1 and output_bytes(out) == good
+
+
+def test_read_shard_manifest_checks_hashes_when_deep(tmp_path):
+    records, images = valid_dataset(3)
+    json_path, zip_path, _ = dataset(tmp_path, records, images)
+    out = tmp_path / "out"
+    shard_dataset(json_path, zip_path, out, workers=1)
+    assert read_shard_manifest(out, deep=True)["written"] == 3
+    data = bytearray((out / "train-000000.tar").read_bytes())
+    data[600] ^= 0xFF  # same size, other content
+    (out / "train-000000.tar").write_bytes(bytes(data))
+    assert read_shard_manifest(out)["written"] == 3
+    with pytest.raises(NevaError, match="does not match its sha256"):
+        read_shard_manifest(out, deep=True)
+    (out / ".nv-meta" / "split.yaml").unlink()
+    with pytest.raises(NevaError, match="megatron-energon metadata"):
+        read_shard_manifest(out)
+
+
+def test_sigkill_mid_run_then_rerun_gives_the_uninterrupted_result(tmp_path):
+    count, maxcount = 4000, 20
+    records = [record(f"{i:06d}", image_name(i), tag_first=i % 2 == 0) for i in range(count)]
+    images = {image_name(i): image_bytes(i % 50) for i in range(count)}
+    images.pop(image_name(7))  # a skip inside the first shard, so per-shard skip records are resumed too
+    json_path = write_json(tmp_path / "data.json", records)
+    zip_path = write_zip(tmp_path / "images.zip", images)
+    out = tmp_path / "killed"
+    code = (f"from neva_core.data.shards import shard_dataset; "
+            f"shard_dataset({str(json_path)!r}, {str(zip_path)!r}, {str(out)!r}, maxcount={maxcount}, workers=2)")
+    child = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not list((out / ".neva-shard").glob("train-*.json")) and time.monotonic() < deadline:
+            time.sleep(0.002)
+    finally:
+        os.killpg(child.pid, signal.SIGKILL)  # the whole run: parent and workers, like a lost machine
+        child.wait()
+    done = len(list((out / ".neva-shard").glob("train-*.json")))
+    assert 0 < done < count // maxcount and not (out / MANIFEST_NAME).exists()
+
+    resumed = shard_dataset(json_path, zip_path, out, maxcount=maxcount, workers=2)
+    reference = shard_dataset(json_path, zip_path, tmp_path / "reference", maxcount=maxcount, workers=1)
+    assert resumed.reused_shards >= done
+    assert (resumed.written, resumed.skipped) == (reference.written, reference.skipped) == (count - 1, 1)
+    assert output_bytes(out) == output_bytes(tmp_path / "reference")
+    assert not [p for p in out.rglob("*") if ".tmp" in p.name]
+    assert read_shard_manifest(out, deep=True)["written"] == count - 1
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"maxcount": 0}, "--maxcount must be a positive integer"),
+    ({"val_fraction": 1.0}, r"--val-fraction must be in \[0, 1\)"),
+    ({"workers": 0}, "--workers must be a positive integer"),
+])
+def test_bad_parameters_are_clear_errors(tmp_path, kwargs, message):
+    records, images = valid_dataset(1)
+    json_path, zip_path, _ = dataset(tmp_path, records, images)
+    with pytest.raises(NevaError, match=message):
+        shard_dataset(json_path, zip_path, tmp_path / "out", **kwargs)
+
+
+def test_missing_inputs_and_a_non_zip_are_clear_errors(tmp_path):
+    json_path = write_json(tmp_path / "data.json", [])
+    with pytest.raises(NevaError, match="--json .* does not exist"):
+        shard_dataset(tmp_path / "absent.json", tmp_path, tmp_path / "out")
+    with pytest.raises(NevaError, match="--images .* does not exist"):
+        shard_dataset(json_path, tmp_path / "absent.zip", tmp_path / "out")
+    (tmp_path / "fake.zip").write_bytes(b"not a zip at all")
+    with pytest.raises(NevaError, match="is not a zip archive"):
+        shard_dataset(json_path, tmp_path / "fake.zip", tmp_path / "out")
+
+
+def test_cli_writes_shards_and_reports(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(cli, "COMMAND_MODULES", ("shard",))  # only this stage's command is under test
+    records, images, _ = faulty_dataset()
+    json_path, zip_path, _ = dataset(tmp_path, records, images)
+    code = cli.main(["shard", "--json", str(json_path), "--images", str(zip_path), "--out", str(tmp_path / "out"),
+                     "--workers", "1", "--maxcount", "5", "--val-fraction", "0.2", "--split-seed", "3"])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert f"of {len(records)} records written" in printed and "duplicate_id 1" in printed
+    assert "converted to PNG: bmp 1, gif 1" in printed
+    assert manifest(tmp_path / "out")["params"] == {"maxcount": 5, "val_fraction": 0.2, "split_seed": 3}
+
+
+def test_cli_errors_exit_2_with_the_reason(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(cli, "COMMAND_MODULES", ("shard",))
+    bad = tmp_path / "bad.json"
+    bad.write_text('[{"id": 1},, ]')
+    zip_path = write_zip(tmp_path / "images.zip", {"a.jpg": image_bytes(0)})
+    assert cli.main(["shard", "--json", str(bad), "--images", str(zip_path), "--out", str(tmp_path / "out")]) == 2
+    assert f"{bad} has a JSON syntax error: Expecting value (at byte 11)" in capsys.readouterr().err
+    assert not (tmp_path / "out" / MANIFEST_NAME).exists()
+
+
+def test_cli_help_explains_every_option(monkeypatch, capsys):
+    monkeypatch.setattr(cli, "COMMAND_MODULES", ("shard",))
+    with pytest.raises(SystemExit):
+        cli.main(["shard", "--help"])
+    text = capsys.readouterr().out
+    for option in ("--json", "--images", "--out", "--workers", "--maxcount", "--val-fraction", "--split-seed"):
+        assert option in text
+
+
+def test_in_flight_work_is_bounded(tmp_path, monkeypatch):
+    """The parent stops reading the JSON while 2 x workers shards are queued."""
+    records, images = valid_dataset(30)
+    json_path, zip_path, _ = dataset(tmp_path, records, images)
+    submitted, peak = [], []
+    real_plan = shards._plan
+
+    def counting_plan(*args):
+        for task in real_plan(*args):
+            submitted.append(task.name)
+            yield task
+
+    real_wait = shards.wait
+
+    def watching_wait(futures, **kwargs):
+        peak.append(len(futures))
+        return real_wait(futures, **kwargs)
+
+    monkeypatch.setattr(shards, "_plan", counting_plan)
+    monkeypatch.setattr(shards, "wait", watching_wait)
+    shard_dataset(json_path, zip_path, tmp_path / "out", maxcount=1, workers=2)
+    assert len(submitted) == 30 and max(peak) <= 4
+
+
+def test_zip_index_reads_zip64_and_prefixed_archives(tmp_path):
+    count = 70000  # more entries than a plain zip's 16-bit count: a zip64 end record
+    path = tmp_path / "many.zip"
+    with zipfile.ZipFile(path, "w") as archive:
+        for i in range(count):
+            archive.writestr(f"{i // 1000:05d}/{i}.txt", str(i))
+    source = ZipImageSource(path)
+    reader = ZipReader(str(path))
+    assert len(source) == count
+    assert reader.read(source.locate("00069/69999.txt"), "x") == b"69999"
+    assert source.locate("00069/70000.txt") is None
+
+    prefixed = tmp_path / "prefixed.zip"  # a self-extractor: bytes before the archive shift every offset
+    archive_bytes = write_zip(tmp_path / "small.zip", {"a/b.jpg": b"abc"}).read_bytes()
+    prefixed.write_bytes(b"#!/bin/sh\nexit 0\n" * 100 + archive_bytes)
+    assert ZipReader(str(prefixed)).read(ZipImageSource(prefixed).locate("a/b.jpg"), "a/b.jpg") == b"abc"
+
+
+def test_zip_entries_with_other_compression_are_skipped_not_fatal(tmp_path):
+    records = [record("plain", "plain.jpg"), record("squeezed", "squeezed.jpg")]
+    zip_path = tmp_path / "images.zip"
+    with zipfile.ZipFile(zip_path, "w") as archive:
+        archive.writestr("plain.jpg", image_bytes(1))
+        archive.writestr("squeezed.jpg", image_bytes(2), compress_type=zipfile.ZIP_BZIP2)
+    json_path = write_json(tmp_path / "data.json", records)
+    result = shard_dataset(json_path, zip_path, tmp_path / "out", workers=1)
+    assert (result.written, result.skipped_by_reason) == (1, {"unreadable_image": 1})
+    assert "compression method 12" in skipped_lines(tmp_path / "out")[0]["detail"]
