@@ -5,13 +5,17 @@ Tests must treat these folders as read-only (copy what you want to change into `
 
 from __future__ import annotations
 
+import atexit
+import functools
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
 # Before anything imports prefect or huggingface_hub: Prefect's cache records and database live in a
 # throwaway home, and no test may reach the network (the Hub client fetches telemetry otherwise).
 os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="neva-prefect-home-")
+atexit.register(functools.partial(shutil.rmtree, os.environ["PREFECT_HOME"], ignore_errors=True))
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
