@@ -141,7 +141,8 @@ def test_rank_files_load_with_official_safetensors(hf_dirs: dict[str, Path], tmp
 
 def test_provenance_and_idempotent_rerun(tmp_path: Path):
     hf_dir = write_hf_model(tmp_path / "hf", "llama_mha")
-    (hf_dir / "manifest.json").write_text(json.dumps({"repo_id": "org/tiny", "revision": "main", "commit": "abc123"}))
+    # What the download stage writes for a Hub snapshot.
+    (hf_dir / "manifest.json").write_text(json.dumps({"stage": "download", "repo_id": "org/tiny", "revision": "main", "commit": "abc123", "files": {}}))
     first = convert_hf_checkpoint(hf_dir, tmp_path / "native", dtype="bf16")
     _, meta = read_native_config(tmp_path / "native")
     provenance = {key: meta["source"][key] for key in ("repo", "revision", "commit", "path")}

@@ -198,24 +198,18 @@ def source_dtype(hf_config: dict[str, Any], reader: HFCheckpointReader) -> str:
 
 
 def hf_source(hf_dir: Path) -> dict[str, Any]:
-    """Provenance of an HF folder: its path and fingerprint, plus repo/revision/commit when the
-    download stage left a manifest.json there (read loosely: any of the usual key names)."""
+    """Provenance of an HF folder: its path and fingerprint, plus the Hub repo, revision and commit when
+    the download stage left its snapshot manifest there."""
     source: dict[str, Any] = {"type": "huggingface", "path": str(hf_dir.resolve()), "fingerprint": path_fingerprint(hf_dir)}
     manifest_path = hf_dir / MANIFEST_NAME
     if manifest_path.is_file():
         try:
             manifest = json.loads(manifest_path.read_text())
-        except json.JSONDecodeError:
-            manifest = {}
-        nested = manifest.get("source") if isinstance(manifest.get("source"), dict) else {}
-        for key, candidates in (
-            ("repo", ("repo_id", "repo")),
-            ("revision", ("revision",)),
-            ("commit", ("commit", "commit_sha", "sha")),
-        ):
-            found = next((d[c] for d in (manifest, nested) for c in candidates if isinstance(d.get(c), str)), None)
-            if found is not None:
-                source[key] = found
+        except json.JSONDecodeError as exc:
+            raise NevaError(f"{manifest_path} is not valid JSON ({exc}); download the checkpoint again") from exc
+        if manifest.get("stage") == "download":
+            source.update({key: manifest[name] for key, name in (("repo", "repo_id"), ("revision", "revision"),
+                                                                  ("commit", "commit")) if manifest.get(name)})
     return source
 
 
