@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from neva_core.checkpoint.hf import DTYPES, from_native, hf_config_from_llm, hf_tensor_shapes
-from neva_core.checkpoint.layout import NativeReader, remove_stale_temps
+from neva_core.checkpoint.layout import NativeReader
 from neva_core.checkpoint.safetensors_stream import (
     StreamingWriter,
     TensorSpec,
@@ -25,7 +25,15 @@ from neva_core.checkpoint.safetensors_stream import (
     prefetched,
 )
 from neva_core.errors import NevaError
-from neva_core.io import atomic_dir, file_entry, read_manifest, verify_files, write_json_atomic, write_manifest
+from neva_core.io import (
+    atomic_dir,
+    file_entry,
+    read_manifest,
+    remove_stale_temps,
+    verify_files,
+    write_json_atomic,
+    write_manifest,
+)
 from neva_core.model.config import LLMConfig
 
 log = logging.getLogger(__name__)
@@ -53,7 +61,7 @@ def export_hf(in_dir: Path | str, out_dir: Path | str, *, max_shard_bytes: int =
         hf_config = hf_config_from_llm(config, reader.dtype, base=reader.meta.get("hf_config"))
         specs = [TensorSpec(n, DTYPES[reader.dtype], s) for n, s in hf_tensor_shapes(config).items()]
         log.info("exporting %s -> %s (%s, %s)", in_dir, out_dir, hf_config["architectures"][0], reader.dtype)
-        remove_stale_temps(out_dir)
+        remove_stale_temps(out_dir.parent, out_dir.name)
         configure_allocator_for_streaming()
         with atomic_dir(out_dir) as tmp:
             files = write_hf_weights(tmp, specs, prefetched(_hf_tensors(reader, config)), max_shard_bytes)

@@ -9,7 +9,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -20,6 +22,9 @@ from neva_core.errors import NevaError
 
 MANIFEST_NAME = "manifest.json"
 _CHUNK = 8 << 20
+_TEMP_NAME = re.compile(r"\.(?P<target>.+)\.tmp-(?P<pid>\d+)-[0-9a-f]{8}")
+
+log = logging.getLogger(__name__)
 
 
 def temp_name(dest: Path) -> Path:
@@ -29,6 +34,36 @@ def temp_name(dest: Path) -> Path:
 
 def is_temp_name(path: Path) -> bool:
     return path.name.startswith(".") and ".tmp-" in path.name
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
+
+
+def remove_stale_temps(folder: Path, target: str | None = None) -> None:
+    """Delete temporaries in `folder` (of the file named `target` only, if given) whose writer is gone.
+
+    A killed run can leave gigabytes under a temporary name; nothing ever trusts it, but the disk space
+    must come back. The writer's pid is part of the name (`temp_name`), so the temporaries of a run
+    still going on are left alone.
+    """
+    if not folder.is_dir():
+        return
+    for entry in folder.iterdir():
+        match = _TEMP_NAME.fullmatch(entry.name)
+        if not match or (target is not None and match["target"] != target) or _process_alive(int(match["pid"])):
+            continue
+        log.info("removing %s, left by an interrupted run", entry)
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
 
 
 def fsync_dir(path: Path) -> None:

@@ -14,9 +14,6 @@ import dataclasses
 import itertools
 import json
 import logging
-import os
-import re
-import shutil
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +37,7 @@ from neva_core.io import (
     atomic_dir,
     file_entry,
     read_manifest,
+    remove_stale_temps,
     sha256_file,
     verify_files,
     write_json_atomic,
@@ -114,7 +112,7 @@ def save_native(
     holds one tensor and its shards. Everything is written into a temporary folder renamed at the end.
     """
     config = config.with_tp(tp)
-    remove_stale_temps(out_dir)
+    remove_stale_temps(out_dir.parent, out_dir.name)
     configure_allocator_for_streaming()
     with atomic_dir(out_dir) as tmp:
         files = _write_rank_files(tmp, config, tp, dtype, tensors)
@@ -166,36 +164,6 @@ def _config_document(
         "history": list(provenance.history),
         "parent": provenance.parent,
     }
-
-
-def remove_stale_temps(dest: Path) -> None:
-    """Delete temporary siblings of `dest` left by runs that were killed (their process is gone).
-
-    A killed conversion can leave many gigabytes under a temporary name; nothing ever trusts it, but
-    the disk space must come back. Temporaries of live processes (a concurrent run) are left alone.
-    """
-    dest = Path(dest)
-    if not dest.parent.is_dir():
-        return
-    pattern = re.compile(rf"\.{re.escape(dest.name)}\.tmp-(\d+)-[0-9a-f]+")
-    for sibling in dest.parent.iterdir():
-        match = pattern.fullmatch(sibling.name)
-        if match and not _process_alive(int(match.group(1))):
-            log.info("removing %s, left by an interrupted run", sibling)
-            if sibling.is_dir():
-                shutil.rmtree(sibling, ignore_errors=True)
-            else:
-                sibling.unlink(missing_ok=True)
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 # ---------------------------------------------------------------------------------------------

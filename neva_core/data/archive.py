@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import IO, Any, NamedTuple
 
 from neva_core.errors import NevaError
-from neva_core.io import atomic_dir, is_temp_name, write_json_atomic
+from neva_core.io import atomic_dir, remove_stale_temps, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ def unzip(
     if not dest.name:
         raise NevaError(f"DEST {dest} is a file system root; choose a folder to create")
     with _dest_lock(dest):
-        _remove_stale_temps(dest)
+        remove_stale_temps(dest.parent, dest.name)
         with _open_zip(zip_path) as archive:
             fingerprint = _fingerprint(archive.infolist())
             done = _finished_result(zip_path, dest, fingerprint)
@@ -312,21 +312,6 @@ def _dest_lock(dest: Path) -> Iterator[None]:
             log.info("waiting for another unzip into %s to finish", dest)
             fcntl.flock(lock, fcntl.LOCK_EX)
         yield  # the lock is released when the file closes, also when the process dies
-
-
-def _remove_stale_temps(dest: Path) -> None:
-    prefix = f".{dest.name}.tmp-"  # how neva_core.io.temp_name names DEST's temporary folder
-    for path in dest.parent.iterdir():
-        if not (path.name.startswith(prefix) and is_temp_name(path)):
-            continue
-        log.info("removing %s, left by an interrupted unzip", path)
-        try:
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
-            else:
-                path.unlink()
-        except OSError as exc:
-            raise NevaError(f"cannot remove the stale temporary {path} ({exc}); remove it by hand") from exc
 
 
 def _finished_result(zip_path: Path, dest: Path, fingerprint: str) -> UnzipResult | None:
