@@ -122,8 +122,8 @@ def split_tensor(name: str, full: torch.Tensor, config: LLMConfig, tp: int) -> l
     _check_shape(name, full, full_shape(name, config), "full tensor")
     kind = split_kind(name, config)
     if kind is Split.VOCAB:
-        shards = _pad_rows(full, padded_vocab_size(config.vocab_size, tp)).chunk(tp, dim=0)
-    elif kind is Split.QKV:
+        return _split_vocab(full, padded_vocab_size(config.vocab_size, tp) // tp, tp)
+    if kind is Split.QKV:
         shards = _split_groups(full, config, tp)
     elif kind is Split.GATE_UP:
         gate, up = full.chunk(2, dim=0)
@@ -147,7 +147,7 @@ def merge_tensor(name: str, shards: Sequence[torch.Tensor], config: LLMConfig) -
             raise NevaError(f"tensor {name!r}: rank {rank} holds {shard.dtype} but rank 0 holds {shards[0].dtype}")
     kind = split_kind(name, config)
     if kind is Split.VOCAB:
-        return torch.cat(list(shards), dim=0)[: config.vocab_size].clone()
+        return _merge_vocab(shards, config.vocab_size)
     if kind is Split.QKV:
         return _merge_groups(shards, config)
     if kind is Split.GATE_UP:
@@ -166,9 +166,25 @@ def _check_shape(name: str, tensor: torch.Tensor, expected: tuple[int, ...], wha
         )
 
 
-def _pad_rows(full: torch.Tensor, rows: int) -> torch.Tensor:
-    padding = full.new_zeros((rows - full.shape[0], *full.shape[1:]))
-    return torch.cat([full, padding], dim=0)
+def _split_vocab(full: torch.Tensor, rows: int, tp: int) -> list[torch.Tensor]:
+    # Each shard is allocated zeroed (the padding rows) and filled once: the embedding, the largest
+    # tensor of the model, is copied exactly once, never padded, chunked and cloned in turn.
+    shards = []
+    for rank in range(tp):
+        shard = full.new_zeros((rows, *full.shape[1:]))
+        real = full[rank * rows : (rank + 1) * rows]
+        shard[: real.shape[0]] = real
+        shards.append(shard)
+    return shards
+
+
+def _merge_vocab(shards: Sequence[torch.Tensor], vocab_size: int) -> torch.Tensor:
+    rows = shards[0].shape[0]
+    merged = shards[0].new_empty((vocab_size, *shards[0].shape[1:]))
+    for rank, shard in enumerate(shards):
+        real = merged[rank * rows : (rank + 1) * rows]  # empty past the last real token
+        real.copy_(shard[: real.shape[0]])
+    return merged
 
 
 def _split_groups(full: torch.Tensor, config: LLMConfig, tp: int) -> list[torch.Tensor]:
