@@ -24,7 +24,7 @@ from neva_core.data.download import (
 from neva_core.errors import NevaError, TransientError
 
 FAST = {"backoff_s": 0.001}
-TOKEN = "hf_CanaryTokenThatMustNeverLeak0123456789"
+TOKEN = "hf_canary-token-that-must-never-leak-0123"
 
 
 @pytest.fixture
