@@ -1,8 +1,9 @@
 """Benchmark: `neva shard` from images.zip against the recipe it replaces and against the disk.
 
 Builds a synthetic LCS-558K-shaped dataset (N photo-like 336-px JPEGs of ~49 KB, a LLaVA JSON list,
-a stored images.zip with 00000/ sub-folders), then times, each in a fresh subprocess with the peak
-resident memory of its whole process tree (/proc polled every 20 ms, RSS summed over descendants):
+a stored images.zip with 00000/ sub-folders; the default N = 100,000 gives a 5 GB zip, 1-2 minutes of
+baseline, and needs ~17 GB of free disk at the peak), then times, each in a fresh subprocess with the
+peak resident memory of its whole process tree (/proc polled every 20 ms, RSS summed over descendants):
 
   (a) baseline: full `unzip`, then one process writing every record with webdataset's
       ShardWriter(maxcount=10000), reading the images from disk (Megatron-LM's
@@ -160,8 +161,8 @@ def durable_copy(workdir: Path, zip_path: Path, repeats: int = 3) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=30000,
-                        help="images in the synthetic set (default 30000: about a minute of the baseline here)")
+    parser.add_argument("--images", type=int, default=100000,
+                        help="images in the synthetic set (default 100000: 1-2 minutes of the baseline here)")
     parser.add_argument("--workdir", type=Path, default=None, help="scratch folder (default: a temporary one)")
     parser.add_argument("--workers", type=int, default=None, help="workers for ours (default: neva's default)")
     args = parser.parse_args()
@@ -185,7 +186,7 @@ def main() -> None:
         "cpus": os.cpu_count(),
         "baseline_s": round(base_s, 2), "baseline_unzip_s": round(unzip_s, 2), "baseline_peak_rss_mb": round(base_mb),
         "ours_s": round(ours_s, 2), "ours_peak_rss_mb": round(ours_mb),
-        "ours_shards": -(-args.images // MAXCOUNT),  # workers actually started: min(workers, shards)
+        "ours_shards": -(-args.images // MAXCOUNT),
         "ours_quarter_images": args.images // 4, "ours_quarter_shards": -(-(args.images // 4) // MAXCOUNT),
         "ours_quarter_s": round(quarter_s, 2),
         "ours_quarter_peak_rss_mb": round(quarter_mb),

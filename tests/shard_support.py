@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import random
+import sqlite3
 import tarfile
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -172,3 +176,68 @@ def faulty_dataset() -> tuple[list[Any], dict[str, bytes], list[str | None]]:
         (42, "not_an_object"),
     ]
     return [rec for rec, _ in cases], images, [reason for _, reason in cases]
+
+
+def index_rows(sqlite_path: Path) -> list[list[tuple]]:
+    """energon's index.sqlite: its schema, then the rows of both tables in the order they were inserted."""
+    with contextlib.closing(sqlite3.connect(sqlite_path)) as db:
+        schema = db.execute("SELECT type, name, tbl_name, sql FROM sqlite_master ORDER BY name").fetchall()
+        return [schema] + [db.execute(f"SELECT * FROM {table} ORDER BY rowid").fetchall()
+                           for table in ("samples", "sample_parts")]
+
+
+def jpeg_bytes(mode: str = "RGB", size: tuple[int, int] = (24, 16), seed: int = 0, **save_options: Any) -> bytes:
+    """A small JPEG in `mode` (RGB, L or CMYK), saved by Pillow with `save_options`."""
+    rng = random.Random(seed)
+    image = Image.new(mode, size)
+    image.putdata([tuple(rng.randrange(256) for _ in mode) if len(mode) > 1 else rng.randrange(256)
+                   for _ in range(size[0] * size[1])])
+    out = io.BytesIO()
+    image.save(out, "JPEG", **save_options)
+    return out.getvalue()
+
+
+def jpeg_variants() -> list[bytes]:
+    """JPEGs as Pillow writes them in every mode, baseline and progressive, with the extra segments
+    photos carry (EXIF, ICC profile, comment, JFIF density) and odd sizes."""
+    exif = Image.Exif()
+    exif[0x0110] = "camera"
+    extras: list[dict[str, Any]] = [
+        {}, {"exif": exif.tobytes()}, {"icc_profile": bytes(range(256)) * 3}, {"comment": b"a comment"},
+        {"dpi": (300, 300)}, {"optimize": True, "quality": 30},
+    ]
+    variants = []
+    for seed, (mode, progressive, extra) in enumerate(
+        (mode, progressive, extra) for mode in ("RGB", "L", "CMYK") for progressive in (False, True) for extra in extras
+    ):
+        size = (1 + seed * 7 % 41, 1 + seed * 11 % 37)
+        subsampling = {"subsampling": seed % 3} if mode == "RGB" else {}
+        variants.append(jpeg_bytes(mode, size, seed, progressive=progressive, **subsampling, **extra))
+    return variants
+
+
+def damaged_jpegs(data: bytes, seed: int) -> Iterator[bytes]:
+    """`data` itself, then copies damaged the ways files break: cut short, a byte changed in each header
+    segment's marker, length and first fields, a fill or junk byte between segments, random bytes after
+    SOI, a trailer, the end marker lost, and random byte flips in the header."""
+    rng = random.Random(seed)
+    yield data
+    for cut in sorted({3, 4, 6, 10, 20, 40, 80, 160, 320, len(data) // 2, len(data) - 2, len(data) - 1}):
+        if cut < len(data):
+            yield data[:cut]
+    pos = 2
+    while pos + 4 <= len(data) and data[pos] == 0xFF:
+        for at in range(pos + 1, min(pos + 11, len(data))):
+            for value in (0x00, 0x01, 0x0C, 0xFF, data[at] ^ 0x10):
+                yield data[:at] + bytes([value]) + data[at + 1 :]
+        yield data[:pos] + b"\xff" + data[pos:]
+        yield data[:pos] + b"\x00" + data[pos:]
+        if data[pos + 1] == 0xDA:  # start of scan: the header ends here
+            break
+        pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+    yield data[:2] + bytes(rng.randrange(256) for _ in range(50)) + data[2:]
+    yield data + b"\0trailer" * 700
+    yield data[:-2]
+    for _ in range(10):
+        at = rng.randrange(2, min(len(data), 400))
+        yield data[:at] + bytes([rng.randrange(256)]) + data[at + 1 :]

@@ -1,22 +1,20 @@
-"""megatron-energon metadata: identical to `energon prepare`, and read back by energon's own loader."""
+"""megatron-energon metadata: identical to `energon prepare`, and read back by energon's own loader.
+
+The stage writes these files without importing energon; these tests do import it, to compare.
+"""
 
 from __future__ import annotations
 
+import random
 import shutil
-import sqlite3
 import tarfile
 from pathlib import Path
 
 import pytest
-from shard_support import dataset, faulty_dataset, manifest, record, valid_dataset
+from shard_support import dataset, faulty_dataset, index_rows, manifest, record, valid_dataset
 
-from neva_core.data.shards import shard_dataset
-
-
-def index_rows(path: Path) -> list[list[tuple]]:
-    with sqlite3.connect(path) as db:
-        return [db.execute(f"SELECT * FROM {table} ORDER BY 1, 2, 3, 4").fetchall()
-                for table in ("samples", "sample_parts")]
+from neva_core.data.energon import collapse_shard_names
+from neva_core.data.shards import shard_dataset, shard_name
 
 
 @pytest.fixture(scope="module")
@@ -42,10 +40,29 @@ def test_metadata_matches_what_energon_prepare_writes(sharded, tmp_path):
     )
     for name in names:
         assert (sharded / f"{name}.idx").read_bytes() == (tmp_path / f"{name}.idx").read_bytes(), name
-    assert index_rows(sharded / ".nv-meta/index.sqlite") == index_rows(tmp_path / ".nv-meta/index.sqlite")
+    ours, energons = index_rows(sharded / ".nv-meta/index.sqlite"), index_rows(tmp_path / ".nv-meta/index.sqlite")
+    assert ours[0] == energons[0]  # schema: tables, columns, constraints and indexes, statement for statement
+    assert ours[1:] == energons[1:]  # the rows, in the order energon inserts them
     for meta in (".info.json", "split.yaml"):
         assert (sharded / ".nv-meta" / meta).read_text() == (tmp_path / ".nv-meta" / meta).read_text(), meta
     assert "CrudeWebdataset" in (sharded / ".nv-meta/dataset.yaml").read_text()
+
+
+def _gappy_numbers(seed: int) -> list[int]:
+    rng = random.Random(seed)
+    start = rng.choice([0, 7, 999990])  # 999999 -> 1000000 widens the number: energon ends the range there
+    return [n for n in range(start, start + 25) if rng.random() < 0.7]
+
+
+@pytest.mark.parametrize("numbers", [
+    [], [0], [0, 1], [0, 1, 2, 5, 6, 9], [3, 2, 1], [0, 1, 1, 2], [999998, 999999, 1000000, 1000001],
+    *(_gappy_numbers(seed) for seed in range(8)),
+])
+def test_split_yaml_names_collapse_as_energon_collapses_them(numbers):
+    from megatron.energon.bracecollapse import collapse
+
+    for names in ([shard_name("train", n) for n in numbers], [shard_name(("train", "val")[n % 2], n) for n in numbers]):
+        assert collapse_shard_names(names) == collapse(names, keep_order=True)
 
 
 @pytest.mark.parametrize("split", ["train", "val"])

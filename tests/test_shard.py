@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import io
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
 import tarfile
 import time
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -18,10 +22,14 @@ import webdataset as wds
 from PIL import Image
 from shard_support import (
     assert_invariant,
+    damaged_jpegs,
     dataset,
     faulty_dataset,
     image_bytes,
     image_name,
+    index_rows,
+    jpeg_bytes,
+    jpeg_variants,
     manifest,
     record,
     shard_files,
@@ -33,11 +41,12 @@ from shard_support import (
 )
 
 from neva_core import cli
-from neva_core.data import shards
+from neva_core.data import images, shards
 from neva_core.data.image_source import ZipImageSource, ZipReader
-from neva_core.data.shards import read_shard_manifest, shard_dataset, split_of, tar_header
+from neva_core.data.images import ImageRejected, check_image
+from neva_core.data.shards import read_shard_manifest, shard_dataset, shard_name, split_of, tar_header
 from neva_core.errors import NevaError
-from neva_core.io import MANIFEST_NAME
+from neva_core.io import MANIFEST_NAME, is_temp_name
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -127,11 +136,13 @@ def test_output_is_byte_identical_for_one_and_three_workers_and_across_runs(tmp_
     records, images = valid_dataset(40)
     faulty_records, faulty_images, _ = faulty_dataset()
     json_path, zip_path, _ = dataset(tmp_path, records + faulty_records, images | faulty_images)
-    runs = {}
+    runs, indexes = {}, {}
     for name, workers in (("one", 1), ("three", 3), ("again", 3)):
         shard_dataset(json_path, zip_path, tmp_path / name, maxcount=6, workers=workers, val_fraction=0.25)
         runs[name] = output_bytes(tmp_path / name)
+        indexes[name] = index_rows(tmp_path / name / ".nv-meta/index.sqlite")
     assert runs["one"] == runs["three"] == runs["again"]
+    assert indexes["one"] == indexes["three"] == indexes["again"]  # rows in the same order, too
     data = assert_invariant(tmp_path / "one")
     assert data["splits"]["val"]["samples"] > 0 and data["splits"]["train"]["samples"] > 0
     assert any(name.startswith("val-") for name in runs["one"])
@@ -228,6 +239,7 @@ def test_resume_redoes_unrecorded_or_damaged_shards_and_removes_temporaries(tmp_
     result = shard_dataset(json_path, zip_path, out, maxcount=4, workers=2)
     assert result.reused_shards == 2 and not result.already_complete
     assert output_bytes(out) == output_bytes(tmp_path / "reference")
+    assert index_rows(out / ".nv-meta/index.sqlite") == index_rows(tmp_path / "reference/.nv-meta/index.sqlite")
     assert not [p for p in out.rglob("*") if ".tmp" in p.name]
 
 
@@ -288,6 +300,7 @@ def test_sigkill_mid_run_then_rerun_gives_the_uninterrupted_result(tmp_path):
     assert resumed.reused_shards >= done
     assert (resumed.written, resumed.skipped) == (reference.written, reference.skipped) == (count - 1, 1)
     assert output_bytes(out) == output_bytes(tmp_path / "reference")
+    assert index_rows(out / ".nv-meta/index.sqlite") == index_rows(tmp_path / "reference/.nv-meta/index.sqlite")
     assert not [p for p in out.rglob("*") if ".tmp" in p.name]
     assert read_shard_manifest(out, deep=True)["written"] == count - 1
 
@@ -399,3 +412,199 @@ def test_zip_entries_with_other_compression_are_skipped_not_fatal(tmp_path):
     result = shard_dataset(json_path, zip_path, tmp_path / "out", workers=1)
     assert (result.written, result.skipped_by_reason) == (1, {"unreadable_image": 1})
     assert "compression method 12" in skipped_lines(tmp_path / "out")[0]["detail"]
+
+
+# --- the JPEG header fast path -------------------------------------------------------------------------
+
+
+def verdict(data: bytes, name: str = "x.jpg") -> tuple:
+    """What check_image makes of `data`: kept (member and bytes) or rejected (reason and message)."""
+    try:
+        image = check_image(data, name)
+    except ImageRejected as exc:
+        return ("rejected", exc.reason, exc.detail)
+    return ("kept", image.extension, image.data, image.converted_from, image.relabeled)
+
+
+def pillow_verdict(data: bytes, monkeypatch: pytest.MonkeyPatch) -> tuple:
+    """The verdict with every header parsed by Pillow, as before the fast path existed."""
+    with monkeypatch.context() as patch:
+        patch.setattr(images, "_plain_jpeg_scan_start", lambda data: None)
+        return verdict(data)
+
+
+def start_of_frame(data: bytes) -> int:
+    """Offset of the SOF0/SOF2 marker's payload (precision byte) in a Pillow-written JPEG."""
+    return min(at for at in (data.find(b"\xff\xc0"), data.find(b"\xff\xc2")) if at > 0) + 4
+
+
+def patched(data: bytes, at: int, new: bytes) -> bytes:
+    return data[:at] + new + data[at + len(new) :]
+
+
+def test_jpeg_fast_path_gives_pillows_verdict_on_good_and_damaged_files(monkeypatch):
+    cases = [damaged for seed, good in enumerate(jpeg_variants()) for damaged in damaged_jpegs(good, seed)]
+    vouched = sum(images._plain_jpeg_scan_start(data) is not None for data in cases)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Pillow warns about some of the damage
+        fast = [verdict(data) for data in cases]
+        assert [pillow_verdict(data, monkeypatch) for data in cases] == fast
+    assert 0.2 * len(cases) < vouched < 0.9 * len(cases)  # both paths were taken ...
+    assert {v[0] for v in fast} == {"kept", "rejected"}  # ... and both verdicts given
+
+
+@pytest.mark.parametrize("options", [
+    {}, {"progressive": True}, {"mode": "L"}, {"mode": "CMYK"}, {"subsampling": 0}, {"subsampling": 2},
+    {"icc_profile": bytes(300)}, {"comment": b"note"}, {"dpi": (72, 72)}, {"size": (1, 1)},
+])
+def test_common_jpegs_are_vouched_for_without_pillow(options):
+    data = jpeg_bytes(options.pop("mode", "RGB"), options.pop("size", (24, 16)), **options)
+    assert images._plain_jpeg_scan_start(data) is not None
+    assert verdict(data) == ("kept", "jpg", data, None, None)
+
+
+@pytest.mark.parametrize("damage, reason", [
+    ("truncated_header", "corrupt_image"),
+    ("garbage_after_soi", "corrupt_image"),
+    ("zero_width", "corrupt_image"),
+    ("12_bit", "corrupt_image"),
+    ("two_components", "corrupt_image"),
+    ("exif", "kept"),
+    ("beyond_pillows_pixel_limit", "corrupt_image"),
+])
+def test_unusual_jpeg_headers_are_left_to_pillow(damage, reason, monkeypatch):
+    exif = Image.Exif()
+    exif[0x0110] = "camera"
+    good = jpeg_bytes(size=(40, 30))
+    sof = start_of_frame(good)
+    data = {
+        "truncated_header": good[:sof + 3],
+        "garbage_after_soi": good[:3] + bytes(range(7, 60)) + good[3:],
+        "zero_width": patched(good, sof + 3, b"\0\0"),
+        "12_bit": patched(good, sof, b"\x0c"),
+        "two_components": patched(good, sof + 5, b"\x02"),
+        "exif": jpeg_bytes(size=(40, 30), exif=exif.tobytes()),
+        "beyond_pillows_pixel_limit": good,
+    }[damage]
+    if damage == "beyond_pillows_pixel_limit":
+        monkeypatch.setattr(images.Image, "MAX_IMAGE_PIXELS", 500)  # 40 x 30 > 2 x 500: a decompression bomb
+    assert images._plain_jpeg_scan_start(data) is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = verdict(data)
+        assert got == pillow_verdict(data, monkeypatch)
+    assert got[:2] == (("kept", "jpg") if reason == "kept" else ("rejected", reason))
+
+
+# --- shard writing: direct I/O, errors, the order of the sample index ------------------------------------
+
+
+def chunked_write(path: Path, pieces: list[bytes]) -> str:
+    """Write `pieces` through a ChunkedWriter; returns its sha256."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    writer = shards.ChunkedWriter(fd)
+    try:
+        for piece in pieces:
+            writer.write(piece)
+        return writer.flush()
+    finally:
+        writer.close()
+        os.close(fd)
+
+
+def random_pieces(seed: int) -> list[bytes]:
+    rng = random.Random(seed)
+    return [rng.randbytes(rng.choice([0, 1, 511, 512, 700, 8192, 20000])) for _ in range(60)]
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    monkeypatch.setattr(shards, "_CHUNK", 8192)  # many whole chunks from little data
+
+
+@pytest.mark.parametrize("direct_io", ["as the file system allows", "refused"])
+def test_chunked_writer_writes_and_hashes_every_byte_in_order(tmp_path, small_chunks, monkeypatch, direct_io):
+    if direct_io == "refused":  # tmpfs and some network file systems
+        monkeypatch.setattr(shards, "_set_direct_io", lambda fd, enable: False)
+    pieces = random_pieces(1)
+    digest = chunked_write(tmp_path / "out", pieces)
+    expected = b"".join(pieces)
+    assert len(expected) > 10 * 8192
+    assert (tmp_path / "out").read_bytes() == expected and digest == hashlib.sha256(expected).hexdigest()
+
+
+def test_chunked_writer_goes_on_through_the_cache_when_a_direct_write_is_refused(tmp_path, small_chunks, monkeypatch):
+    monkeypatch.setattr(shards, "_set_direct_io", lambda fd, enable: enable)  # direct I/O seems on ...
+    real_write, refused = os.write, []
+
+    def write(fd: int, data: memoryview) -> int:
+        if not refused:  # ... but the first write is refused, as an alignment the device rejects would be
+            refused.append(len(data))
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", write)
+    pieces = random_pieces(2)
+    digest = chunked_write(tmp_path / "out", pieces)
+    assert refused == [8192]
+    assert (tmp_path / "out").read_bytes() == b"".join(pieces)
+    assert digest == hashlib.sha256(b"".join(pieces)).hexdigest()
+
+
+def test_a_failed_shard_write_is_a_clear_error_and_a_rerun_finishes(tmp_path, small_chunks, monkeypatch):
+    records, images_ = valid_dataset(12)
+    json_path, zip_path, _ = dataset(tmp_path, records, images_)
+    shard_dataset(json_path, zip_path, tmp_path / "reference", maxcount=5, workers=1)
+    out = tmp_path / "out"
+
+    def no_space(fd: int, data: memoryview) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "write", no_space)  # the disk fills up under the writer thread
+        with pytest.raises(NevaError, match=r"cannot write .*train-000000.tar: No space left on device \(disk full"):
+            shard_dataset(json_path, zip_path, out, maxcount=5, workers=1)
+    assert not [p for p in out.rglob("*") if is_temp_name(p)] and not list(out.glob("*.tar"))
+    shard_dataset(json_path, zip_path, out, maxcount=5, workers=1)
+    assert output_bytes(out) == output_bytes(tmp_path / "reference")
+
+
+def test_shards_are_indexed_in_info_json_order_whatever_order_they_finish(tmp_path):
+    class Index:  # stands in for SampleIndexWriter: records the order shards are added in
+        def __init__(self) -> None:
+            self.added: list[str] = []
+
+        def add_shard(self, layout: dict) -> None:
+            self.added.append(layout["keys"][0].split("/")[0])
+
+    samples = {("train", 0): 2, ("train", 1): 0, ("train", 2): 1, ("train", 3): 3, ("val", 0): 1, ("val", 1): 2}
+    records = {}
+    for (split, number), count in samples.items():
+        name = shard_name(split, number)
+        layout = {"keys": [f"{name}/{i}" for i in range(count)]}
+        shards._write_json(shards._record_path(tmp_path, name), {"layout": layout})
+        records[name] = {"name": name, "split": split, "samples": count}
+    index = Index()
+    indexer = shards._InOrderIndexer(index, tmp_path)
+    added_so_far = []
+    for name in ("train-000002.tar", "val-000000.tar", "train-000000.tar", "train-000003.tar", "train-000001.tar",
+                 "val-000001.tar"):
+        indexer.finished(records[name])
+        added_so_far.append(len(index.added))
+    indexer.add_val_shards(sorted(records.values(), key=lambda r: r["name"]))
+    assert added_so_far == [0, 0, 1, 1, 3, 3]
+    # The empty train-000001 has no place in .info.json, so no tar_file_id either.
+    assert index.added == [
+        "train-000000.tar", "train-000002.tar", "train-000003.tar", "val-000000.tar", "val-000001.tar",
+    ]
+
+
+def test_the_shard_stage_imports_neither_torch_nor_energon(tmp_path):
+    records, images_ = valid_dataset(3)
+    json_path, zip_path, _ = dataset(tmp_path, records, images_)
+    code = (f"import sys; from neva_core.data.shards import shard_dataset; "
+            f"shard_dataset({str(json_path)!r}, {str(zip_path)!r}, {str(tmp_path / 'out')!r}, workers=1); "
+            f"print(sorted({{name.split('.')[0] for name in sys.modules}} & {{'torch', 'megatron'}}))")
+    printed = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    assert printed.strip() == "[]"  # importing torch alone costs ~2 s of CPU
+    assert (tmp_path / "out" / ".nv-meta" / "index.sqlite").is_file()

@@ -15,10 +15,9 @@ import hashlib
 import os
 import struct
 import zlib
-from array import array
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 from neva_core.data.images import CORRUPT_IMAGE, MISSING_IMAGE, UNREADABLE_IMAGE, ImageRejected
 from neva_core.errors import NevaError
@@ -33,23 +32,23 @@ _ZIP64_EOCD = struct.Struct("<4sQ2H2L4Q")
 _ZIP64_EOCD_SIG = b"PK\x06\x06"
 _CENTRAL = struct.Struct("<4s6H3L5H2L")
 _CENTRAL_SIG = b"PK\x01\x02"
+# The fields of a central directory record (`_CENTRAL`) that the index and `locate` need:
+_CENTRAL_NAME_FIELDS = struct.Struct("<4s4xH18xHHH12x")  # signature, flags, name/extra/comment lengths
+_CENTRAL_LOCATION = struct.Struct("<8xHH8xLLHH10xL")  # flags, method, sizes, name/extra lengths, offset
 _LOCAL = struct.Struct("<4s5H3L2H")
 _LOCAL_SIG = b"PK\x03\x04"
 _ZIP64_EXTRA_ID = 0x0001
+_ZIP64_PLACEHOLDER = 0xFFFFFFFF  # a 32-bit field whose real value is in the zip64 extra field
 _MAX_COMMENT = 0xFFFF
 _UTF8_FLAG = 0x800
 _ENCRYPTED_FLAG = 0x1
 _STORED, _DEFLATED = 0, 8
 
 
-class ZipEntryRef(NamedTuple):
-    """Where one zip entry's bytes are: all a worker needs to read it."""
-
-    header_offset: int
-    compressed_size: int
-    size: int
-    method: int
-    flags: int
+# Where one zip entry's bytes are, all a worker needs to read it: (local header offset, compressed size,
+# size, compression method, flags). A plain tuple: one goes to a worker per record, and pickling a
+# NamedTuple costs several times more.
+ZipEntryRef = tuple[int, int, int, int, int]
 
 
 @dataclass(frozen=True)
@@ -61,25 +60,20 @@ class ReaderSpec:
 
 
 class ZipImageSource:
-    """images.zip: its central directory as a compact name -> location index."""
+    """images.zip: its central directory (~80 bytes per entry) and a name -> record offset index into it."""
 
     kind = ZIP
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._positions: dict[str, int] = {}
-        self._offsets = array("Q")
-        self._compressed = array("Q")
-        self._sizes = array("Q")
-        self._methods = array("H")
-        self._flags = array("H")
         with open(path, "rb") as f:
-            directory = _read_central_directory(f, path)
-        self._digest = hashlib.sha256(directory.data).hexdigest()
-        self._parse(directory)
+            self._directory = _read_central_directory(f, path)
+        self._digest = hashlib.sha256(self._directory.data).hexdigest()
+        self._records: dict[str, int] = {}  # file name -> offset of its record in the directory
+        self._index_names()
 
     def __len__(self) -> int:
-        return len(self._positions)
+        return len(self._records)
 
     def fingerprint(self) -> dict[str, Any]:
         # The central directory lists every entry's name, sizes and CRC-32, so its hash follows the
@@ -90,47 +84,41 @@ class ZipImageSource:
         }
 
     def locate(self, relative: str) -> ZipEntryRef | None:
-        position = self._positions.get(relative)
-        if position is None:
+        record = self._records.get(relative)
+        if record is None:
             return None
-        return ZipEntryRef(
-            self._offsets[position], self._compressed[position], self._sizes[position],
-            self._methods[position], self._flags[position],
+        flags, method, compressed, size, name_len, extra_len, offset = _CENTRAL_LOCATION.unpack_from(
+            self._directory.data, record
         )
+        if _ZIP64_PLACEHOLDER in (size, compressed, offset):
+            extra_start = record + _CENTRAL.size + name_len
+            extra = memoryview(self._directory.data)[extra_start : extra_start + extra_len]
+            size, compressed, offset = _apply_zip64(extra, size, compressed, offset)
+        return offset + self._directory.shift, compressed, size, method, flags
 
     @property
     def reader_spec(self) -> ReaderSpec:
         return ReaderSpec(ZIP, str(self.path))
 
-    def _parse(self, directory: _CentralDirectory) -> None:
-        data = memoryview(directory.data)
+    def _index_names(self) -> None:
+        """Walk the directory once, reading only what finds the names. Nothing else can start before
+        this index exists (LCS-558K: 558K entries), so the rest of each record is decoded by `locate`."""
+        data, records, unpack_at = self._directory.data, self._records, _CENTRAL_NAME_FIELDS.unpack_from
         pos = 0
         while pos < len(data):
-            if data[pos : pos + 4] != _CENTRAL_SIG:
+            try:
+                signature, flags, name_len, extra_len, comment_len = unpack_at(data, pos)
+            except struct.error:
+                signature = b""
+            if signature != _CENTRAL_SIG:
                 raise NevaError(
-                    f"{self.path}: damaged zip central directory at entry {len(self._offsets)}; "
-                    "re-download the archive"
+                    f"{self.path}: damaged zip central directory at entry {len(records)}; re-download the archive"
                 )
-            fields = _CENTRAL.unpack_from(data, pos)
-            flags, method, compressed, size = fields[3], fields[4], fields[8], fields[9]
-            name_len, extra_len, comment_len, offset = fields[10], fields[11], fields[12], fields[16]
             name_start = pos + _CENTRAL.size
-            raw_name = bytes(data[name_start : name_start + name_len])
-            extra = data[name_start + name_len : name_start + name_len + extra_len]
-            size, compressed, offset = _apply_zip64(extra, size, compressed, offset)
+            name = data[name_start : name_start + name_len].decode("utf-8" if flags & _UTF8_FLAG else "cp437")
+            if not name.endswith("/"):  # names ending in "/" are folder entries
+                records[name.replace("\\", "/")] = pos
             pos = name_start + name_len + extra_len + comment_len
-            name = raw_name.decode("utf-8" if flags & _UTF8_FLAG else "cp437")
-            if name.endswith("/"):
-                continue  # a folder entry
-            self._add(name.replace("\\", "/"), offset + directory.shift, compressed, size, method, flags)
-
-    def _add(self, name: str, offset: int, compressed: int, size: int, method: int, flags: int) -> None:
-        self._positions[name] = len(self._offsets)
-        self._offsets.append(offset)
-        self._compressed.append(compressed)
-        self._sizes.append(size)
-        self._methods.append(method)
-        self._flags.append(flags)
 
 
 class FolderImageSource:
@@ -191,27 +179,28 @@ class ZipReader:
     def read(self, ref: ZipEntryRef | None, name: str) -> bytes:
         if ref is None:
             raise ImageRejected(MISSING_IMAGE, f"{name} is not in {self.path}")
-        if ref.flags & _ENCRYPTED_FLAG:
+        header_offset, compressed_size, size, method, flags = ref
+        if flags & _ENCRYPTED_FLAG:
             raise ImageRejected(UNREADABLE_IMAGE, f"{name} is encrypted in {self.path}")
-        if ref.method not in (_STORED, _DEFLATED):
+        if method not in (_STORED, _DEFLATED):
             raise ImageRejected(
                 UNREADABLE_IMAGE,
-                f"{name} uses zip compression method {ref.method}; only stored and deflate are read (re-zip it)",
+                f"{name} uses zip compression method {method}; only stored and deflate are read (re-zip it)",
             )
-        raw = os.pread(self.fd, ref.compressed_size, self._data_offset(ref, name))
-        if len(raw) != ref.compressed_size:
+        raw = os.pread(self.fd, compressed_size, self._data_offset(header_offset, name))
+        if len(raw) != compressed_size:
             raise ImageRejected(CORRUPT_IMAGE, f"{name}: the zip entry is cut short (archive truncated?)")
-        data = raw if ref.method == _STORED else _inflate(raw, ref.size, name)
-        if len(data) != ref.size:
-            raise ImageRejected(CORRUPT_IMAGE, f"{name}: the zip entry has {len(data)} bytes, expected {ref.size}")
+        data = raw if method == _STORED else _inflate(raw, size, name)
+        if len(data) != size:
+            raise ImageRejected(CORRUPT_IMAGE, f"{name}: the zip entry has {len(data)} bytes, expected {size}")
         return data
 
-    def _data_offset(self, ref: ZipEntryRef, name: str) -> int:
-        header = os.pread(self.fd, _LOCAL.size, ref.header_offset)
+    def _data_offset(self, header_offset: int, name: str) -> int:
+        header = os.pread(self.fd, _LOCAL.size, header_offset)
         if len(header) != _LOCAL.size or header[:4] != _LOCAL_SIG:
             raise ImageRejected(CORRUPT_IMAGE, f"{name}: damaged zip entry header in {self.path}")
         fields = _LOCAL.unpack(header)
-        return ref.header_offset + _LOCAL.size + fields[9] + fields[10]
+        return header_offset + _LOCAL.size + fields[9] + fields[10]
 
 
 class FolderReader:
@@ -293,17 +282,15 @@ def _read_at(f: Any, offset: int, size: int) -> bytes:
 
 def _apply_zip64(extra: memoryview, size: int, compressed: int, offset: int) -> tuple[int, int, int]:
     """Replace 0xFFFFFFFF placeholders with the 64-bit values of the zip64 extra field."""
-    if 0xFFFFFFFF not in (size, compressed, offset):
-        return size, compressed, offset
     pos = 0
     while pos + 4 <= len(extra):
         field_id, field_len = struct.unpack_from("<HH", extra, pos)
         if field_id == _ZIP64_EXTRA_ID:
             values = iter(struct.unpack_from(f"<{field_len // 8}Q", extra, pos + 4))
             # Only the fields whose 32-bit value overflowed are present, in this fixed order.
-            size = next(values) if size == 0xFFFFFFFF else size
-            compressed = next(values) if compressed == 0xFFFFFFFF else compressed
-            offset = next(values) if offset == 0xFFFFFFFF else offset
+            size = next(values) if size == _ZIP64_PLACEHOLDER else size
+            compressed = next(values) if compressed == _ZIP64_PLACEHOLDER else compressed
+            offset = next(values) if offset == _ZIP64_PLACEHOLDER else offset
             return size, compressed, offset
         pos += 4 + field_len
     return size, compressed, offset

@@ -16,14 +16,22 @@ data FF is always followed by 00 or a restart marker, so FF D9 there is the real
 that marker (cut short, or with a long trailer) is fully decoded, and accepted only if that succeeds, so
 the fast path never rejects a file Pillow could decode. PNGs are checked with Pillow's ``verify()``,
 which walks every chunk to IEND and checks its CRC without inflating the pixels.
+
+JPEG headers without Pillow: Pillow's header parse costs ~21 us per image, nearly as much as hashing
+the image for the manifest. Most JPEGs are a plain run of segments (JFIF, quantisation and Huffman
+tables, one 8-bit frame header, the scan), and for those `_plain_jpeg_scan_start` checks in ~3.5 us
+what Pillow would: every segment complete, the tables well formed, one SOF0/1/2 frame with precision 8,
+1, 3 or 4 components, a non-zero size within Pillow's decompression-bomb limit. Anything it does not
+vouch for (EXIF, MPF, Photoshop blocks, fill bytes, other frame types, any doubt) goes to Pillow as
+before, so this fast path only ever accepts a header Pillow accepts and never rejects one: verdicts and
+messages stay Pillow's. The tests compare both paths on thousands of good and damaged JPEGs.
 """
 
 from __future__ import annotations
 
 import io
 import re
-from dataclasses import dataclass
-from pathlib import PurePosixPath
+from typing import NamedTuple
 
 from PIL import Image, UnidentifiedImageError
 
@@ -54,6 +62,16 @@ _JPEG_SOS = 0xDA
 _JPEG_STANDALONE = {0x01, *range(0xD0, 0xD8), 0xD8}
 # The end marker may be followed by a little padding; a longer trailer takes the full-decode path.
 _EOI_WINDOW = 4096
+# The markers whose segments the plain-header walk vouches for, by what Pillow does with them.
+_SOF_PLAIN = {0xC0, 0xC1, 0xC2}  # baseline, extended and progressive Huffman frames
+_DQT, _COM, _DHT, _DRI = 0xDB, 0xFE, 0xC4, 0xDD
+_APP0, _APP1, _APP2, _APP13, _APP14 = 0xE0, 0xE1, 0xE2, 0xED, 0xEE
+_APP_MARKERS = range(0xE0, 0xF0)
+# APP payloads Pillow interprets further, and the bytes it reads from them without a length check.
+_APP_NEEDS = {(_APP0, b"JFIF"): 7, (_APP14, b"Adobe"): 7, (_APP2, b"ICC_PROFILE\0"): 14}
+# APP payloads whose extra parsing (EXIF dpi, MPO pictures, Photoshop resources) is left to Pillow.
+_APP_TO_PILLOW = ((_APP1, b"Exif\0\0"), (_APP2, b"MPF\0"), (_APP13, b"Photoshop 3.0\0"))
+_MAX_SAMPLING = 4  # JPEG allows sampling factors 1-4
 _OBJECT_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 
@@ -66,8 +84,7 @@ class ImageRejected(Exception):
         self.detail = detail
 
 
-@dataclass(frozen=True, slots=True)
-class CheckedImage:
+class CheckedImage(NamedTuple):  # a tuple: made once per image, ~1 us cheaper than a frozen dataclass
     extension: str  # the sample's member extension: "jpg" or "png"
     data: bytes
     converted_from: str | None = None  # real format when the bytes were re-encoded as PNG
@@ -97,13 +114,26 @@ def check_image(data: bytes, name: str) -> CheckedImage:
 
 
 def _relabel(real: str, name: str) -> str | None:
-    suffix = PurePosixPath(name).suffix.lower().lstrip(".")
+    suffix = _suffix(name)
     if _FORMAT_OF_SUFFIX.get(suffix) == real:
         return None
     return f"{MEMBER_EXTENSION[real]}_named_{suffix or 'no_extension'}"
 
 
+def _suffix(name: str) -> str:
+    """`PurePosixPath(name).suffix.lower()` without its dot, by string operations (2 us less per image)."""
+    base = name.rpartition("/")[2]
+    dot = base.rfind(".")
+    return base[dot + 1 :].lower() if 0 < dot < len(base) - 1 else ""
+
+
 def _verify_kept_image(data: bytes, real: str, name: str) -> None:
+    if real == JPEG:
+        scan_start = _plain_jpeg_scan_start(data)
+        if scan_start is not None:  # a header Pillow would read just the same: skip its parse
+            if not _jpeg_ends_cleanly(data, scan_start):
+                _full_decode(data, name)
+            return
     try:
         with Image.open(io.BytesIO(data)) as image:  # parses the header: dimensions, mode, markers
             width, height = image.size
@@ -115,15 +145,71 @@ def _verify_kept_image(data: bytes, real: str, name: str) -> None:
         raise ImageRejected(CORRUPT_IMAGE, f"{name}: the header declares a {width}x{height} image")
     if real == PNG:
         return
-    if not _jpeg_ends_cleanly(data):
+    if not _jpeg_ends_cleanly(data, _jpeg_scan_start(data)):
         _full_decode(data, name)
 
 
-def _jpeg_ends_cleanly(data: bytes) -> bool:
-    scan_start = _jpeg_scan_start(data)
+def _jpeg_ends_cleanly(data: bytes, scan_start: int | None) -> bool:
     if scan_start is None:
         return False
     return data.rfind(_JPEG_EOI, max(scan_start, len(data) - _EOI_WINDOW)) != -1
+
+
+def _plain_jpeg_scan_start(data: bytes) -> int | None:
+    """Offset of the first start-of-scan marker if the header is plain (see the module docstring) and
+    Pillow would accept it; None for any header this walk does not vouch for, good or bad."""
+    pos, size, framed = 2, len(data), False
+    while pos + 4 <= size and data[pos] == 0xFF:
+        marker = data[pos + 1]
+        end = pos + 2 + ((data[pos + 2] << 8) | data[pos + 3])
+        if end < pos + 4 or end > size:  # a length below 2, or past the end: Pillow has its own ways
+            return None
+        if marker == _JPEG_SOS:
+            return pos if framed else None
+        if marker in _SOF_PLAIN:
+            if framed or not _plain_frame(data, pos + 4, end):
+                return None  # a second frame header would override the first in Pillow
+            framed = True
+        elif marker == _DQT:
+            if not _complete_quantisation_tables(data, pos + 4, end):
+                return None
+        elif marker in _APP_MARKERS:
+            if not _plain_app_segment(marker, data[pos + 4 : end]):
+                return None
+        elif marker not in (_DHT, _DRI, _COM):  # tables Pillow skips over, and comments
+            return None
+        pos = end
+    return None
+
+
+def _plain_frame(data: bytes, start: int, end: int) -> bool:
+    """Whether Pillow reads this frame header (SOF payload) without complaint."""
+    if end - start < 6:
+        return False
+    precision, components = data[start], data[start + 5]
+    height, width = (data[start + 1] << 8) | data[start + 2], (data[start + 3] << 8) | data[start + 4]
+    # Pillow reads exactly 3 bytes per component; 12-bit and 2-component images it refuses.
+    if precision != 8 or components not in (1, 3, 4) or end - start != 6 + 3 * components:
+        return False
+    limit = Image.MAX_IMAGE_PIXELS  # read now: callers may change it
+    if not (width and height) or (limit is not None and width * height > limit):
+        return False  # zero size and decompression-bomb sizes: Pillow's verdict, warning and message
+    samplings = data[start + 7 : end : 3]  # per component: id, sampling factors, table
+    return all(1 <= sampling >> 4 <= _MAX_SAMPLING and 1 <= sampling & 15 <= _MAX_SAMPLING for sampling in samplings)
+
+
+def _complete_quantisation_tables(data: bytes, start: int, end: int) -> bool:
+    """Pillow's DQT parse: each table is 1 + 64 or 1 + 128 bytes, by its precision nibble."""
+    while start < end:
+        start += 65 if data[start] >> 4 == 0 else 129
+    return start == end
+
+
+def _plain_app_segment(marker: int, payload: bytes) -> bool:
+    for (app, prefix), needed in _APP_NEEDS.items():
+        if marker == app and payload.startswith(prefix):
+            return len(payload) >= needed
+    return not any(marker == app and payload.startswith(prefix) for app, prefix in _APP_TO_PILLOW)
 
 
 def _jpeg_scan_start(data: bytes) -> int | None:

@@ -23,33 +23,40 @@ or parameters is refused, and a lock keeps two runs out of one folder.
 
 Work split: the parent streams the JSON, validates records (structure, duplicates), assigns splits and
 hands shard-sized batches to a pool of spawned worker processes (at most 2 per worker queued, so memory
-does not grow with the dataset); each worker reads and checks the images and writes one whole shard.
+does not grow with the dataset); each worker reads and checks the images and writes one whole shard,
+hashing it and writing it with direct I/O from a thread of its own (`ChunkedWriter`). Meanwhile the
+parent adds each finished shard to energon's sample index, so that little is left after the last one.
 Spawned workers import the caller's main module: a script calling `shard_dataset` needs the usual
 `if __name__ == "__main__":` guard.
+
+CPU per image (100,000 LCS-558K-like images, 5 GB, 2 cores; `bench/shard.py`): ~65 us in the workers
+(sha256 ~28 us, reading the zip entry ~5, the image check ~5, the rest tar bookkeeping and the kernel's
+share of the writes) and ~22 us in the parent (JSON parse ~5, validation ~4.5, re-encoding the record
+~3.5, the zip lookup ~2, the sample index ~5). Nothing here imports torch (~2 s of CPU).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
-import importlib
 import json
 import logging
+import mmap
 import multiprocessing
 import os
 import shutil
 import tarfile
-import threading
-from collections import Counter
-from collections.abc import Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from collections import Counter, deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from neva_core.data.energon import SAMPLE_TYPE, write_energon_metadata, write_tar_index
+from neva_core.data.energon import SAMPLE_TYPE, SampleIndexWriter, write_energon_metadata, write_tar_index
 from neva_core.data.image_source import ImageReader, ImageSource, ReaderSpec, open_image_source, open_reader
 from neva_core.data.images import ImageRejected, check_image
 from neva_core.data.records import DUPLICATE_ID, Skip, ValidRecord, iter_json_list, skip_entry, validate_record
@@ -77,11 +84,14 @@ RUN_RECORD = "run.json"
 LOCK_NAME = "lock"
 SKIPPED_NAME = "skipped.jsonl"
 STAGE = "shard"
-# Bump when the bytes written for the same inputs change, so old folders are not resumed into.
-LAYOUT_VERSION = 1
+# Bump when what is written for the same inputs changes (the shards, or the completion records a resume
+# reads), so old folders are not resumed into. 2: shard layouts in the completion records are columns.
+LAYOUT_VERSION = 2
 
-_WRITE_BYTES = 1 << 20  # tar pieces are written in one writev once this much is pending
-_WRITE_PIECES = 512  # ... or this many pieces (below the system's IOV_MAX of 1024)
+# Shard bytes go to disk in chunks of this size from a page-aligned buffer: a multiple of any block
+# size O_DIRECT may demand, at offsets that are multiples of it too.
+_CHUNK = 4 << 20
+_CHUNK_BUFFERS = 3  # one being filled, up to two queued for the disk
 _TAR_BLOCK = 512
 _ZERO_BLOCK = bytes(_TAR_BLOCK)
 _TAR_RECORD = 20 * _TAR_BLOCK  # tarfile pads archives to whole records; so do we
@@ -131,12 +141,10 @@ class ShardResult:
         return asdict(self)
 
 
-class PlannedSample(NamedTuple):
-    index: int  # position in the input list
-    key: str
-    image: str | None  # relative image path, None for text-only records
-    image_ref: Any  # the image source's locator for it (see image_source)
-    record_json: bytes
+# One record as a worker gets it: (index in the input list, sample key, relative image path or None for a
+# text-only record, the image source's locator for it, the record's JSON member bytes). A plain tuple,
+# as 10,000 of them are pickled per shard: a NamedTuple costs 5x more to pickle and unpickle.
+PlannedSample = tuple[int, str, str | None, Any, bytes]
 
 
 @dataclass
@@ -194,14 +202,17 @@ def shard_dataset(
         raise NevaError(f"--workers must be a positive integer, got {workers!r}")
     if not json_path.is_file():
         raise NevaError(f"--json {json_path} does not exist or is not a file")
-    source = open_image_source(images)
-    fingerprint = _fingerprint(json_path, source, params)
-    with _locked_output(out_dir, fingerprint):
-        finished = _finished_result(out_dir, fingerprint)
-        if finished is not None:
-            return finished
-        _remove_stale_temporaries(out_dir)
-        return _write_everything(json_path, source, out_dir, params, workers, fingerprint)
+    # Without a manifest there is work to do: start the workers now, so that their start-up overlaps the
+    # zip index and the first shard's planning. (A folder found complete after all just never uses them.)
+    with _worker_pool(workers, start_now=not (out_dir / MANIFEST_NAME).is_file()) as pool:
+        source = open_image_source(images)
+        fingerprint = _fingerprint(json_path, source, params)
+        with _locked_output(out_dir, fingerprint):
+            finished = _finished_result(out_dir, fingerprint)
+            if finished is not None:
+                return finished
+            _remove_stale_temporaries(out_dir)
+            return _write_everything(json_path, source, out_dir, params, pool, fingerprint)
 
 
 def read_shard_manifest(out_dir: Path | str, *, deep: bool = False) -> dict[str, Any]:
@@ -307,36 +318,29 @@ def _remove_stale_temporaries(out_dir: Path) -> None:
 
 
 def _write_everything(
-    json_path: Path, source: ImageSource, out_dir: Path, params: ShardParams, workers: int,
+    json_path: Path, source: ImageSource, out_dir: Path, params: ShardParams, pool: _Pool | None,
     fingerprint: dict[str, Any],
 ) -> ShardResult:
-    # megatron.energon imports torch (~2 s of CPU): with worker processes, the parent imports it while
-    # they write shards. In-process (one worker) there is nothing to overlap with.
-    energon_import = _start_import("megatron.energon") if workers > 1 else None
     totals = _Totals()
     tasks = _plan(json_path, source, out_dir, params, totals)
-    shard_records, reused = _run_tasks(tasks, workers)
-    written = sum(record["samples"] for record in shard_records)
-    skipped = _merge_skips(totals.parent_skips, shard_records)
-    if written + len(skipped) != totals.records:
-        raise RuntimeError(f"internal error: {written} written + {len(skipped)} skipped != {totals.records} records")
-    _write_skipped(out_dir / SKIPPED_NAME, skipped)
-    shards = [record for record in shard_records if record["samples"]]
-    if energon_import is not None:
-        energon_import.join()  # a package half-imported by another thread cannot be imported from here
-    energon_files = write_energon_metadata(out_dir, shards, lambda name: _load_shard_record(out_dir, name)["layout"])
+    with SampleIndexWriter(out_dir) as index:
+        indexer = _InOrderIndexer(index, out_dir)
+        shard_records, reused = _run_tasks(tasks, pool, indexer.finished)
+        indexer.add_val_shards(shard_records)
+        written = sum(record["samples"] for record in shard_records)
+        skipped = _merge_skips(totals.parent_skips, shard_records)
+        if written + len(skipped) != totals.records:
+            raise RuntimeError(
+                f"internal error: {written} written + {len(skipped)} skipped != {totals.records} records"
+            )
+        _write_skipped(out_dir / SKIPPED_NAME, skipped)
+        shards = [record for record in shard_records if record["samples"]]
+        energon_files = write_energon_metadata(out_dir, shards, index)
     manifest = _manifest(fingerprint, params, totals.records, shards, skipped, shard_records, energon_files, out_dir)
     write_manifest(out_dir, manifest)
     if not written:
         log.warning("no record of %s could be written; see %s", json_path, out_dir / SKIPPED_NAME)
     return _result(out_dir, manifest, reused_shards=reused)
-
-
-def _start_import(module: str) -> threading.Thread:
-    """Import `module` in a background thread; a failure resurfaces, with its message, at the real import."""
-    thread = threading.Thread(target=importlib.import_module, args=(module,), daemon=True)
-    thread.start()
-    return thread
 
 
 def _plan(
@@ -373,56 +377,132 @@ def _plan(
 
 def _planned(record: ValidRecord, source: ImageSource) -> PlannedSample:
     ref = None if record.image is None else source.locate(record.image)
-    record_json = _RECORD_ENCODER.encode(record.record).encode()
-    return PlannedSample(record.index, record.key, record.image, ref, record_json)
+    return record.index, record.key, record.image, ref, _RECORD_ENCODER.encode(record.record).encode()
 
 
 def _task(name: str, split: str, out_dir: Path, reader: ReaderSpec, samples: list[PlannedSample]) -> ShardTask:
     digest = hashlib.sha256()
-    for sample in samples:
-        digest.update(f"{sample.index}\0{sample.key}\n".encode())
+    for index, key, _, _, _ in samples:
+        digest.update(f"{index}\0{key}\n".encode())
     return ShardTask(name, split, str(out_dir), reader, samples, digest.hexdigest())
 
 
-def _run_tasks(tasks: Iterator[ShardTask], workers: int) -> tuple[list[dict[str, Any]], int]:
-    """Run every task not already done; returns the completion records (sorted by name) and the reuse count."""
+class _Pool(NamedTuple):
+    executor: ProcessPoolExecutor
+    workers: int
+
+
+@contextlib.contextmanager
+def _worker_pool(workers: int, *, start_now: bool) -> Iterator[_Pool | None]:
+    """Processes writing shards; None for one worker, which writes them in this process."""
+    if workers == 1:
+        yield None
+        return
+    executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        if start_now:
+            # A spawn pool starts one process per call while none is idle: these calls start them all
+            # at once, each importing this module (~0.2 s), instead of one per shard as work comes.
+            for _ in range(workers):
+                executor.submit(_worker_ready)
+        yield _Pool(executor, workers)
+    finally:
+        executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _worker_ready() -> int:
+    return os.getpid()
+
+
+def _run_tasks(
+    tasks: Iterator[ShardTask], pool: _Pool | None, on_finished: Callable[[dict[str, Any]], None]
+) -> tuple[list[dict[str, Any]], int]:
+    """Run every task not already done, calling `on_finished` with each shard's completion record as
+    soon as it is known; returns the records (sorted by name) and the reuse count."""
     records: list[dict[str, Any]] = []
     reused = 0
-    if workers == 1:
-        for task in tasks:
-            done = _completed_record(task)
-            reused += done is not None
-            records.append(done or _logged(write_shard(task)))
-        return sorted(records, key=lambda r: r["name"]), reused
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+
+    def finished(record: dict[str, Any]) -> None:
+        records.append(record)
+        on_finished(record)
+
     in_flight: set[Future[dict[str, Any]]] = set()
     try:
         for task in tasks:
             done = _completed_record(task)
             if done is not None:
                 reused += 1
-                records.append(done)
-                continue
-            task.parent_pid = os.getpid()
-            in_flight.add(pool.submit(write_shard, task))
-            # Bounded: the parent stops reading the JSON while this many shards are queued.
-            if len(in_flight) >= _MAX_IN_FLIGHT_PER_WORKER * workers:
-                finished, in_flight = wait(in_flight, return_when=FIRST_COMPLETED)
-                records.extend(_outcome(future) for future in finished)
-        records.extend(_outcome(future) for future in wait(in_flight).done)
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+                finished(done)
+            elif pool is None:
+                finished(_logged(write_shard(task)))
+            else:
+                task.parent_pid = os.getpid()
+                in_flight.add(pool.executor.submit(write_shard, task))
+                # Bounded: the parent stops reading the JSON while this many shards are queued.
+                while len(in_flight) >= _MAX_IN_FLIGHT_PER_WORKER * pool.workers:
+                    in_flight = _collect_first(in_flight, finished)
+        while in_flight:  # one by one, so each shard is indexed as soon as it is done
+            in_flight = _collect_first(in_flight, finished)
+    except BrokenProcessPool:  # from submit or from a result
+        raise _worker_died() from None
     return sorted(records, key=lambda r: r["name"]), reused
 
 
-def _outcome(future: Future[dict[str, Any]]) -> dict[str, Any]:
-    try:
-        return _logged(future.result())
-    except BrokenProcessPool:
-        raise NevaError(
-            "a shard worker died (out of memory, or killed); run the same command again to resume. Workers "
-            "are started with 'spawn': a script that calls shard_dataset needs an `if __name__ == \"__main__\":` guard"
-        ) from None
+def _collect_first(
+    in_flight: set[Future[dict[str, Any]]], finished: Callable[[dict[str, Any]], None]
+) -> set[Future[dict[str, Any]]]:
+    """Wait for at least one shard; hand over every finished one; return those still running."""
+    done, still_running = wait(in_flight, return_when=FIRST_COMPLETED)
+    for future in done:
+        finished(_logged(future.result()))
+    return still_running
+
+
+class _InOrderIndexer:
+    """Adds finished shards to energon's sample index in .info.json order, while the run goes on.
+
+    That order is every train shard by number, then every val shard: a train shard is added once all
+    train shards before it are finished; val shards (whose position depends on how many train shards
+    hold samples) at the end. A waiting shard costs only its summary: its rows are read from its
+    completion record when its turn comes.
+    """
+
+    def __init__(self, index: SampleIndexWriter, out_dir: Path) -> None:
+        self.index = index
+        self.out_dir = out_dir
+        self.next_train = 0
+        self.waiting: dict[int, dict[str, Any]] = {}  # finished train shards after `next_train`, by number
+
+    def finished(self, record: dict[str, Any]) -> None:
+        if record["split"] != TRAIN:
+            return
+        self.waiting[_shard_number(record["name"])] = record
+        while self.next_train in self.waiting:
+            self._add(self.waiting.pop(self.next_train))
+            self.next_train += 1
+
+    def add_val_shards(self, records: list[dict[str, Any]]) -> None:
+        """After the run: the val shards, in name order."""
+        if self.waiting:
+            raise RuntimeError(f"internal error: train shards {sorted(self.waiting)} were never indexed")
+        for record in records:
+            if record["split"] == VAL:
+                self._add(record)
+
+    def _add(self, record: dict[str, Any]) -> None:
+        if record["samples"]:  # empty shards are not written, so they have no place in the index
+            self.index.add_shard(_load_shard_record(self.out_dir, record["name"])["layout"])
+
+
+def _shard_number(name: str) -> int:
+    return int(name.rsplit("-", 1)[1].split(".", 1)[0])  # train-000003.tar -> 3
+
+
+def _worker_died() -> NevaError:
+    return NevaError(
+        "a shard worker died (out of memory, or killed); run the same command again to resume. Workers "
+        "are started with 'spawn': a script that calls shard_dataset needs an `if __name__ == \"__main__\":` guard"
+    )
 
 
 def _logged(summary: dict[str, Any]) -> dict[str, Any]:
@@ -469,63 +549,66 @@ def _write_tar(task: ShardTask, dest: Path, reader: ImageReader) -> dict[str, An
     relabeled: Counter[str] = Counter()
     try:
         with TarShardWriter(dest) as writer:
-            for sample in task.samples:
+            for index, key, image_path, image_ref, record_json in task.samples:
                 if task.parent_pid is not None and os.getppid() != task.parent_pid:
                     os._exit(1)  # the run was killed: stop now; the next run removes our temporary file
-                members = _sample_members(sample, reader, converted, relabeled)
-                if isinstance(members, Skip):
-                    skipped.append(skip_entry(sample.index, json.loads(sample.record_json).get("id"), members))
-                else:
-                    writer.add(sample.key, members)
-            layout = writer.commit() if writer.positions else writer.discard()
-        if layout["positions"]:
-            write_tar_index(dest, [offset for _, offset, _, _ in layout["positions"]], layout["end"])
+                if image_path is None:
+                    writer.add(key, record_json)
+                    continue
+                try:
+                    image = check_image(reader.read(image_ref, image_path), image_path)
+                except ImageRejected as exc:
+                    record_id = json.loads(record_json).get("id")
+                    skipped.append(skip_entry(index, record_id, Skip(exc.reason, exc.detail)))
+                    continue
+                if image.converted_from:
+                    converted[image.converted_from] += 1
+                if image.relabeled:
+                    relabeled[image.relabeled] += 1
+                writer.add(key, record_json, image.extension, image.data)
+            layout = writer.commit() if writer.keys else writer.discard()
+        if layout["keys"]:
+            write_tar_index(dest, layout["offsets"], layout["end"])
         else:
             dest.unlink(missing_ok=True)  # energon refuses empty shards
     except OSError as exc:
         raise NevaError(f"cannot write {dest}: {exc.strerror or exc} (disk full?); free space and rerun") from exc
     return {
         "name": task.name, "split": task.split, "digest": task.digest, "records": len(task.samples),
-        "samples": len(layout["positions"]), "bytes": layout["bytes"], "sha256": layout["sha256"],
+        "samples": len(layout["keys"]), "bytes": layout["bytes"], "sha256": layout["sha256"],
         "skipped": skipped, "converted_by_reason": dict(converted), "relabeled_by_format": dict(relabeled),
         "layout": layout,
     }
-
-
-def _sample_members(
-    sample: PlannedSample, reader: ImageReader, converted: Counter[str], relabeled: Counter[str]
-) -> list[tuple[str, bytes]] | Skip:
-    members = [("json", sample.record_json)]
-    if sample.image is not None:
-        try:
-            image = check_image(reader.read(sample.image_ref, sample.image), sample.image)
-        except ImageRejected as exc:
-            return Skip(exc.reason, exc.detail)
-        if image.converted_from:
-            converted[image.converted_from] += 1
-        if image.relabeled:
-            relabeled[image.relabeled] += 1
-        members.append((image.extension, image.data))
-    return sorted(members)  # fixed member order: jpg < json < png
 
 
 class TarShardWriter:
     """A tar written under a temporary name with fixed metadata; records each sample's byte layout.
 
     The layout (sample and member offsets) is what energon's index needs, so the index is built from it
-    instead of re-reading every tar. Pieces are hashed as they come and written with one `writev` per
-    ~1 MiB, without copying image bytes into an intermediate buffer.
+    instead of re-reading every tar. It is kept as columns, one list per field (samples: key, offset of
+    its first header, byte size; members: sample number, extension, data offset, data size), which load
+    from JSON and go into sqlite ~2x faster than a list per sample. Bytes are written (and hashed)
+    through `ChunkedWriter`.
     """
 
     def __init__(self, dest: Path) -> None:
         self.dest = dest
         self.tmp = temp_name(dest)
         self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        self.pending: list[bytes] = []
-        self.pending_bytes = 0
-        self.digest = hashlib.sha256()
+        try:
+            self.out = ChunkedWriter(self.fd)
+        except BaseException:  # no buffers (out of memory): leave nothing open or behind
+            os.close(self.fd)
+            self.tmp.unlink()
+            raise
         self.offset = 0
-        self.positions: list[list[Any]] = []  # per sample: key, offset, size, [[member, offset, size], ...]
+        self.keys: list[str] = []
+        self.offsets: list[int] = []
+        self.sizes: list[int] = []
+        self.part_samples: list[int] = []
+        self.part_names: list[str] = []
+        self.part_offsets: list[int] = []
+        self.part_sizes: list[int] = []
 
     def __enter__(self) -> TarShardWriter:
         return self
@@ -534,59 +617,158 @@ class TarShardWriter:
         self._close()
         self.tmp.unlink(missing_ok=True)
 
-    def add(self, key: str, members: list[tuple[str, bytes]]) -> None:
+    def add(self, key: str, record_json: bytes, image_extension: str | None = None, image: bytes = b"") -> None:
+        """One sample: its JSON record and, unless text-only, its image (member "jpg" or "png")."""
         start = self.offset
-        parts = []
-        for extension, data in members:
-            self._put(tar_header(f"{key}.{extension}", len(data)))
-            parts.append([extension, self.offset, len(data)])
-            self._put(data)
-            if len(data) % _TAR_BLOCK:
-                self._put(_ZERO_BLOCK[: -len(data) % _TAR_BLOCK])
-        self.positions.append([key, start, self.offset - start, parts])
+        if image_extension is None:
+            self._member(key, "json", record_json)
+        elif image_extension < "json":  # members in name order, like a sorted tar: jpg < json < png
+            self._member(key, image_extension, image)
+            self._member(key, "json", record_json)
+        else:
+            self._member(key, "json", record_json)
+            self._member(key, image_extension, image)
+        self.keys.append(key)
+        self.offsets.append(start)
+        self.sizes.append(self.offset - start)
+
+    def _member(self, key: str, extension: str, data: bytes) -> None:
+        """Write one member: header, data, padding to the block."""
+        self._put(tar_header(f"{key}.{extension}", len(data)))
+        self.part_samples.append(len(self.keys))
+        self.part_names.append(extension)
+        self.part_offsets.append(self.offset)
+        self.part_sizes.append(len(data))
+        self._put(data)
+        if len(data) % _TAR_BLOCK:
+            self._put(_ZERO_BLOCK[: -len(data) % _TAR_BLOCK])
 
     def commit(self) -> dict[str, Any]:
         end = self.offset
         self._put(b"\0" * (2 * _TAR_BLOCK))
         self._put(b"\0" * (-self.offset % _TAR_RECORD))
-        self._flush()
+        sha256 = self.out.flush()
         os.fsync(self.fd)  # one fsync per finished shard, not per sample
         self._close()
         os.replace(self.tmp, self.dest)
         fsync_dir(self.dest.parent)
-        return {"positions": self.positions, "end": end, "bytes": self.offset, "sha256": self.digest.hexdigest()}
+        return self._layout(end, self.offset, sha256)
 
     def discard(self) -> dict[str, Any]:
-        return {"positions": [], "end": 0, "bytes": 0, "sha256": None}
+        """The layout of a shard with no sample, which is not kept (energon refuses empty shards)."""
+        return self._layout(0, 0, None)
+
+    def _layout(self, end: int, size: int, sha256: str | None) -> dict[str, Any]:
+        return {
+            "keys": self.keys, "offsets": self.offsets, "sizes": self.sizes, "part_samples": self.part_samples,
+            "part_names": self.part_names, "part_offsets": self.part_offsets, "part_sizes": self.part_sizes,
+            "end": end, "bytes": size, "sha256": sha256,
+        }
 
     def _put(self, data: bytes) -> None:
-        self.digest.update(data)
-        self.pending.append(data)
-        self.pending_bytes += len(data)
+        self.out.write(data)
         self.offset += len(data)
-        if self.pending_bytes >= _WRITE_BYTES or len(self.pending) >= _WRITE_PIECES:
-            self._flush()
-
-    def _flush(self) -> None:
-        pieces = self.pending
-        while pieces:
-            written = os.writev(self.fd, pieces)
-            pieces = _after(pieces, written)  # writev may write less than asked
-        self.pending, self.pending_bytes = [], 0
 
     def _close(self) -> None:
         if self.fd >= 0:
+            self.out.close()
             os.close(self.fd)
             self.fd = -1
 
 
-def _after(pieces: list[bytes], written: int) -> list[bytes]:
-    """What is left of `pieces` once their first `written` bytes are on disk."""
-    for index, piece in enumerate(pieces):
-        if written < len(piece):
-            return [piece[written:], *pieces[index + 1 :]]
-        written -= len(piece)
-    return []
+class ChunkedWriter:
+    """Appends to a file through page-aligned buffers, written in whole chunks with O_DIRECT if allowed.
+
+    Why: a shard is written once and read much later (by training, often on other machines). Through the
+    page cache every byte is first copied into newly allocated cache pages, which cost more CPU than the
+    rest of the write (5 GB on the 2-core VM of the benchmark: `dd oflag=direct conv=fsync` 2.2-3.0 s
+    with 0.6-1.2 s of system time, `dd conv=fsync` 2.8-16 s with 2.2-13 s), and the new pages push the
+    images.zip being read out of the cache. Whole chunks at chunk offsets meet any
+    O_DIRECT alignment; the last partial chunk goes through the page cache. A file system that refuses
+    O_DIRECT (tmpfs, some network file systems) gets ordinary writes.
+
+    A direct write returns only once the device has the data, so one thread hashes and writes full
+    chunks, in order, while the caller fills the next buffer: the worker keeps computing during the
+    disk's time, and the sha256 takes one call per 4 MiB instead of three per tar member.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.direct = _set_direct_io(fd, True)
+        # Anonymous maps are page-aligned, as O_DIRECT needs.
+        self.views = [memoryview(mmap.mmap(-1, _CHUNK)) for _ in range(_CHUNK_BUFFERS)]
+        self.current = 0  # the buffer being filled
+        self.view = self.views[0]  # ... and its view
+        self.fill = 0
+        self.digest = hashlib.sha256()
+        self.writer = ThreadPoolExecutor(1)  # one thread, so chunks are hashed and land in order
+        self.in_flight: deque[Future[None]] = deque()  # chunk writes, oldest first
+
+    def write(self, data: bytes) -> None:
+        end = self.fill + len(data)
+        if end < _CHUNK:  # the usual case, kept short: it runs several times per sample
+            self.view[self.fill : end] = data
+            self.fill = end
+            return
+        source = memoryview(data)
+        while source:
+            take = min(len(source), _CHUNK - self.fill)
+            self.view[self.fill : self.fill + take] = source[:take]
+            self.fill += take
+            source = source[take:]
+            if self.fill == _CHUNK:
+                self._hand_over()
+
+    def flush(self) -> str:
+        """Write everything buffered and wait for it (errors surface here); returns the sha256 of all
+        bytes written. The caller fsyncs."""
+        while self.in_flight:
+            self.in_flight.popleft().result()
+        if self.fill:
+            if self.direct:  # a partial chunk need not meet the alignment: write it through the cache
+                self.direct = _set_direct_io(self.fd, False)
+            self._write_chunk(self.view[: self.fill])
+            self.fill = 0
+        return self.digest.hexdigest()
+
+    def close(self) -> None:
+        """Stop the writer thread. The buffers are unmapped with this object: a failed write's traceback
+        may still hold a view of one, and closing a map with views raises."""
+        self.writer.shutdown(wait=True)
+
+    def _hand_over(self) -> None:
+        """Queue the full buffer for the writer thread and move on to the next free one."""
+        self.in_flight.append(self.writer.submit(self._write_chunk, self.view))
+        self.current = (self.current + 1) % _CHUNK_BUFFERS
+        self.view = self.views[self.current]
+        self.fill = 0
+        if len(self.in_flight) == _CHUNK_BUFFERS:
+            self.in_flight.popleft().result()  # the oldest write used the buffer we fill next
+
+    def _write_chunk(self, view: memoryview) -> None:
+        self.digest.update(view)
+        while view:
+            try:
+                written = os.write(self.fd, view)
+            except OSError as exc:
+                if not (self.direct and exc.errno == errno.EINVAL):
+                    raise
+                self.direct = _set_direct_io(self.fd, False)  # an alignment this file system rejects
+                continue
+            view = view[written:]  # a short write leaves the rest for the next call
+
+
+def _set_direct_io(fd: int, enable: bool) -> bool:
+    """Turn O_DIRECT on or off for `fd`; returns whether it is on (False where the system refuses it)."""
+    flag = getattr(os, "O_DIRECT", 0)
+    if not flag:
+        return False
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags | flag if enable else flags & ~flag)
+    except OSError:
+        return False
+    return enable
 
 
 def tar_header(name: str, size: int) -> bytes:
