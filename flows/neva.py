@@ -47,8 +47,8 @@ def neva(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:
         maxcount=dataset.maxcount, workers=dataset.workers, val_fraction=dataset.val_fraction,
     )
     result: dict[str, Any] = {"shards": shards}
-    if config.model and model_downloads:
-        result.update(prepare_checkpoints(config.model, config.workdir, *model_downloads))
+    if config.model is not None and model_downloads is not None:
+        result.update(prepare_checkpoints(config.model, *model_downloads))
     return result
 
 
@@ -60,7 +60,7 @@ def start_model_downloads(model: ModelConfig, workdir: Path, hub: dict[str, Any]
     return llm, vision
 
 
-def prepare_checkpoints(model: ModelConfig, workdir: Path, llm_download: Any, vision_download: Any) -> dict[str, Any]:
+def prepare_checkpoints(model: ModelConfig, llm_download: Any, vision_download: Any) -> dict[str, Any]:
     """Tokenizer → native checkpoint (vocab grown to the extended tokenizer) → the training TP size."""
     llm_dir = Path(llm_download.result()["dest"])
     model_root = llm_dir.parent

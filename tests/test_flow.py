@@ -92,12 +92,15 @@ def test_deleted_output_is_rebuilt_not_trusted(first_run: tuple[PipelineConfig, 
     assert again["llm"]["manifest_sha256"] == result["llm"]["manifest_sha256"]
 
 
-def test_changed_input_misses_the_cache(first_run: tuple[PipelineConfig, dict], tmp_path: Path) -> None:
+def test_changed_input_misses_the_cache_and_unzip_is_optional(
+    first_run: tuple[PipelineConfig, dict], tmp_path: Path
+) -> None:
     config, _ = first_run
-    changed = config.model_copy(update={"dataset": config.dataset.model_copy(update={"maxcount": 8})})
-    changed = changed.model_copy(update={"workdir": tmp_path / "work"})
+    dataset = config.dataset.model_copy(update={"maxcount": 8, "unzip": True})
+    changed = config.model_copy(update={"dataset": dataset, "workdir": tmp_path / "work"})
     _, states = run_flow(changed)
-    assert states["shard"] == "Completed"
+    assert states["shard"] == "Completed" and states["unzip"] == "Completed"
+    assert len(list((tmp_path / "work" / "images" / "fixture").rglob("*.jpg"))) >= 64
 
 
 def test_hf_token_comes_from_a_secret_block(first_run: tuple[PipelineConfig, dict]) -> None:
