@@ -49,6 +49,7 @@ from neva_core.data.download_http import (
     url_secrets,
 )
 from neva_core.errors import NevaError, TransientError
+from neva_core.fingerprint import folder_fingerprint
 from neva_core.io import MANIFEST_NAME, fsync_dir, write_json_atomic, write_manifest
 
 log = logging.getLogger(__name__)
@@ -797,8 +798,4 @@ def _local_fingerprint(path: Path) -> str:
         return f"local:{stat.st_size}:{stat.st_mtime_ns}"
     if not path.is_dir():
         raise NevaError(f"download source {path} does not exist; check the path")
-    digest = hashlib.sha256()
-    for file in sorted(p for p in path.rglob("*") if p.is_file()):
-        stat = file.stat()
-        digest.update(f"{file.relative_to(path).as_posix()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-    return f"local-dir:{digest.hexdigest()}"
+    return f"local-dir:{folder_fingerprint(path)['listing_sha256']}"

@@ -21,6 +21,7 @@ from typing import Any
 
 from neva_core.data.images import CORRUPT_IMAGE, MISSING_IMAGE, UNREADABLE_IMAGE, ImageRejected
 from neva_core.errors import NevaError
+from neva_core.fingerprint import folder_fingerprint
 
 ZIP, FOLDER = "zip", "folder"
 
@@ -130,18 +131,8 @@ class FolderImageSource:
         self.path = root
 
     def fingerprint(self) -> dict[str, Any]:
-        """A digest of every file's relative path, size and mtime, walked in sorted order."""
-        digest = hashlib.sha256()
-        files = 0
-        for dirpath, dirnames, filenames in os.walk(self.path):
-            dirnames.sort()
-            relative_dir = os.path.relpath(dirpath, self.path)
-            for name in sorted(filenames):
-                stat = os.stat(os.path.join(dirpath, name))
-                line = f"{relative_dir}/{name}\0{stat.st_size}\0{stat.st_mtime_ns}\n"
-                digest.update(line.encode(errors="surrogateescape"))
-                files += 1
-        return {"kind": FOLDER, "files": files, "listing_sha256": digest.hexdigest()}
+        """A digest of every file's relative path, size and mtime (nothing is read)."""
+        return {"kind": FOLDER, **folder_fingerprint(self.path)}
 
     def locate(self, relative: str) -> str:
         return relative  # existence is checked when the worker opens the file
