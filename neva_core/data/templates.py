@@ -433,6 +433,12 @@ def chat_template(template: str, tokenizer: TextTokenizer) -> str:
                 "{%- else -%}{{ ns.text }}{%- endif -%}")
     first = "loop.index0 == 0"
     if template == "plain":
+        if tokenizer.adds_prefix_space:
+            raise NevaError(
+                f"the plain (pretraining) prompt starts with the image, which the Hugging Face form of the "
+                f"sentencepiece tokenizer in {tokenizer.folder} cannot produce from text (it puts its dummy space "
+                "first); export a model finetuned with vicuna_v1, llama_2 or mistral for chat use"
+            )
         return _jinja_turns(user="{%- if ns.image -%}{{ " + image + " }}{%- endif -%}",
                             assistant="{{ " + space + " + ns.text + '\\n' }}", generation="")
     if template == "vicuna_v1":
