@@ -59,7 +59,8 @@ class TextTokenizer(ABC):
     @property
     @abstractmethod
     def adds_prefix_space(self) -> bool:
-        """True when `encode(text)` equals `encode_continuation(" " + text)` (sentencepiece's dummy prefix)."""
+        """True when `encode(text)` equals `encode_continuation(" " + text)` for any non-empty text
+        (sentencepiece's dummy prefix)."""
 
     def token_id(self, token: str) -> int:
         index = self._lookup(token)
