@@ -85,3 +85,19 @@ def expect_type(path: Path, sample_id: Any, field: str, value: Any, kind: type |
         names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
         raise NevaError(f"{path}: sample {sample_id!r} has {field}={value!r}; it must be a {names}")
     return value
+
+
+def prediction_record(task: str, sample_id: Any, generated: str, *, references: list[str] | None = None,
+                      metadata: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One JSONL line in Megatron's format for a generated answer (what `neva eval generate` writes)."""
+    if task == "coco":
+        return {"sample_id": sample_id, "caption": generated}
+    if task == "textvqa":
+        return {"sample_id": sample_id, "answer": generated, "gt_answer": list(references or [])}
+    if task == "mmmu":
+        metadata = metadata or {}
+        record = {"sample_id": sample_id, "prediction": generated, "question_type": metadata["question_type"]}
+        if metadata["question_type"] == "multiple-choice":  # Megatron adds the options for these only
+            record |= {"all_choices": metadata["all_choices"], "index2ans": metadata["index2ans"]}
+        return record
+    raise NevaError(f"unknown task {task!r}; choose one of {tuple(REQUIRED_FIELDS)}")
