@@ -10,7 +10,8 @@ import pytest
 
 from neva_core.cli import main
 from neva_core.errors import NevaError
-from neva_core.eval.benchmarks import read_coco, read_mmmu, read_textvqa, write_mmmu_answers
+from neva_core.eval.benchmarks import read_benchmark, read_coco, read_mmmu, read_textvqa, scoring_references, \
+    write_mmmu_answers
 from neva_core.eval.fixtures import make_eval_fixtures
 from neva_core.eval.predictions import prediction_record
 from neva_core.eval.prompts import PROMPTS, mmmu_question, process_image_tag, user_prompt
@@ -144,3 +145,13 @@ def test_eval_fixtures_are_reused(bench: dict[str, Path]) -> None:
     root = bench["coco_gt"].parent.parent
     assert make_eval_fixtures(root, seed=0, samples=SAMPLES) == bench
     assert bench["coco_gt"].stat().st_mtime_ns == stamp
+
+
+def test_benchmark_folders_by_public_names(bench: dict[str, Path]) -> None:
+    root = bench["coco_gt"].parent.parent
+    assert [s.sample_id for s in read_benchmark("coco", root / "coco")] == [
+        s.sample_id for s in read_coco(bench["coco_gt"], bench["coco_images"])]
+    assert len(list(read_benchmark("textvqa", root / "textvqa"))) == SAMPLES
+    assert scoring_references("mmmu", root / "mmmu") == {"answers": bench["mmmu_answers"]}
+    with pytest.raises(NevaError, match="not a coco benchmark folder"):
+        read_benchmark("coco", root / "mmmu")

@@ -196,3 +196,46 @@ def read_textvqa(json_path: Path, images: Path) -> Iterator[EvalSample]:
                             f"({record['image_id']}.jpg) is not in {images}")
         yield EvalSample(sample_id=record["question_id"], images=[files.open(name)], question=record["question"],
                          references=list(record.get("answers", [])))
+
+
+# ------------------------------------------------------------------------------------- a benchmark folder
+COCO_GT_NAME = "coco_karpathy_test_gt.json"
+COCO_IMAGE_SOURCES = ("val2014.zip", "val2014")
+MMMU_ANSWERS_NAME = "answer_dict_val.json"
+TEXTVQA_JSON_NAME = "TextVQA_0.5.1_val.json"
+TEXTVQA_IMAGE_SOURCES = ("train_images", "train_val_images.zip", "train_images.zip")
+
+
+def read_benchmark(task: str, data_dir: Path) -> Iterator[EvalSample]:
+    """The samples of a benchmark folder laid out under the public names (as `neva eval fixtures` writes):
+
+        coco     DIR/coco_karpathy_test_gt.json + DIR/val2014.zip or DIR/val2014/
+        mmmu     DIR (parquet files or a save_to_disk folder)
+        textvqa  DIR/TextVQA_0.5.1_val.json + DIR/train_images/ (or train_val_images.zip)
+    """
+    data_dir = Path(data_dir)
+    if task == "coco":
+        return read_coco(_required(data_dir, (COCO_GT_NAME,), task), _required(data_dir, COCO_IMAGE_SOURCES, task))
+    if task == "mmmu":
+        return read_mmmu(data_dir)
+    if task == "textvqa":
+        return read_textvqa(_required(data_dir, (TEXTVQA_JSON_NAME,), task),
+                            _required(data_dir, TEXTVQA_IMAGE_SOURCES, task))
+    raise NevaError(f"unknown task {task!r}; choose one of coco, mmmu, textvqa")
+
+
+def scoring_references(task: str, data_dir: Path) -> dict[str, Path]:
+    """The keyword arguments `neva_core.eval.score` needs for a benchmark folder's predictions."""
+    data_dir = Path(data_dir)
+    if task == "coco":
+        return {"gt": _required(data_dir, (COCO_GT_NAME,), task)}
+    if task == "mmmu":
+        return {"answers": _required(data_dir, (MMMU_ANSWERS_NAME,), task)}
+    return {}
+
+
+def _required(data_dir: Path, names: tuple[str, ...], task: str) -> Path:
+    for name in names:
+        if (data_dir / name).exists():
+            return data_dir / name
+    raise NevaError(f"{data_dir} is not a {task} benchmark folder: it has none of {list(names)}")

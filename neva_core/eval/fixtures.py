@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,39 +42,59 @@ _MMMU_COLUMNS = ("id", "question", "options", "explanation", *(f"image_{i}" for 
 def make_eval_fixtures(out_dir: Path, *, seed: int = 0, samples: int = 24, image_size: int = 64,
                        mmmu_layout: str = "parquet") -> dict[str, Path]:
     """Write the three benchmarks into `out_dir` (reused as is when complete for these parameters)."""
-    if samples < 4:
-        raise NevaError(f"--samples must be at least 4 (one per question kind), got {samples}")
-    if mmmu_layout not in ("parquet", "disk"):
-        raise NevaError(f"mmmu_layout must be 'parquet' or 'disk', got {mmmu_layout!r}")
     out_dir = Path(out_dir)
     params = {"format": FORMAT_VERSION, "seed": seed, "samples": samples, "image_size": image_size,
               "mmmu_layout": mmmu_layout}
-    paths = _paths(out_dir)
     index = out_dir / INDEX_NAME
     if index.is_file() and json.loads(index.read_text()).get("params") == params:
-        return paths
-    index.unlink(missing_ok=True)
-    for name, writer in (("coco", _write_coco), ("mmmu", _write_mmmu), ("textvqa", _write_textvqa)):
-        shutil.rmtree(out_dir / name, ignore_errors=True)  # untrusted without the index
-        rng = np.random.default_rng([seed, _STREAMS[name]])
-        with atomic_dir(out_dir / name) as folder:
-            writer(folder, rng, samples, image_size, mmmu_layout)
+        return {name: out_dir / path for name, path in json.loads(index.read_text())["paths"].items()}
+    index.unlink(missing_ok=True)  # the folder is untrusted until the new index is written
+    for name in ("coco", "mmmu", "textvqa"):  # left by an interrupted or other-parameter run
+        shutil.rmtree(out_dir / name, ignore_errors=True)
+    common = {"seed": seed, "samples": samples, "image_size": image_size}
+    paths = {
+        **make_coco_fixture(out_dir / "coco", **common),
+        **make_mmmu_fixture(out_dir / "mmmu", layout=mmmu_layout, **common),
+        **make_textvqa_fixture(out_dir / "textvqa", **common),
+    }
     write_json_atomic(index, {"params": params, "paths": {k: str(v.relative_to(out_dir)) for k, v in paths.items()}})
     return paths
 
 
-def _paths(out_dir: Path) -> dict[str, Path]:
-    return {
-        "coco_gt": out_dir / "coco" / "coco_karpathy_test_gt.json",
-        "coco_images": out_dir / "coco" / "val2014.zip",
-        "mmmu": out_dir / "mmmu",
-        "mmmu_answers": out_dir / "mmmu" / "answer_dict_val.json",
-        "textvqa_json": out_dir / "textvqa" / "TextVQA_0.5.1_val.json",
-        "textvqa_images": out_dir / "textvqa" / "train_images",
-    }
+def make_coco_fixture(folder: Path, *, seed: int = 0, samples: int = 24, image_size: int = 64) -> dict[str, Path]:
+    """coco_karpathy_test_gt.json (5 reference captions per image) and val2014.zip, in a new `folder`.
+
+    Each maker writes into a temporary sibling and renames it to `folder` (which must not exist) at the end.
+    """
+    _make(folder, "coco", seed, samples, lambda tmp, rng: _write_coco(tmp, rng, samples, image_size))
+    return {"coco_gt": folder / "coco_karpathy_test_gt.json", "coco_images": folder / "val2014.zip"}
 
 
-def _write_coco(folder: Path, rng: np.random.Generator, samples: int, size: int, _: str) -> None:
+def make_mmmu_fixture(folder: Path, *, seed: int = 0, samples: int = 24, image_size: int = 64,
+                      layout: str = "parquet") -> dict[str, Path]:
+    """MMMU's HF layout (parquet per subject, or save_to_disk) plus answer_dict_val.json, in a new `folder`."""
+    if layout not in ("parquet", "disk"):
+        raise NevaError(f"the MMMU fixture layout must be 'parquet' or 'disk', got {layout!r}")
+    _make(folder, "mmmu", seed, samples, lambda tmp, rng: _write_mmmu(tmp, rng, samples, image_size, layout))
+    return {"mmmu": folder, "mmmu_answers": folder / "answer_dict_val.json"}
+
+
+def make_textvqa_fixture(folder: Path, *, seed: int = 0, samples: int = 24, image_size: int = 64
+                         ) -> dict[str, Path]:
+    """TextVQA_0.5.1_val.json and train_images/, in a new `folder`."""
+    _make(folder, "textvqa", seed, samples, lambda tmp, rng: _write_textvqa(tmp, rng, samples, image_size))
+    return {"textvqa_json": folder / "TextVQA_0.5.1_val.json", "textvqa_images": folder / "train_images"}
+
+
+def _make(folder: Path, stream: str, seed: int, samples: int,
+          write: Callable[[Path, np.random.Generator], None]) -> None:
+    if samples < 4:
+        raise NevaError(f"--samples must be at least 4 (one per question kind), got {samples}")
+    with atomic_dir(Path(folder)) as tmp:  # refuses an existing folder
+        write(tmp, np.random.default_rng([seed, _STREAMS[stream]]))
+
+
+def _write_coco(folder: Path, rng: np.random.Generator, samples: int, size: int) -> None:
     images, annotations, members = [], [], []
     for index, (colour, shape) in enumerate(balanced_classes(rng, samples)):
         image_id = 391 + index * 7919  # spread out like real COCO ids
@@ -146,7 +167,7 @@ def _write_mmmu(folder: Path, rng: np.random.Generator, samples: int, size: int,
     write_json_atomic(folder / "answer_dict_val.json", answers)
 
 
-def _write_textvqa(folder: Path, rng: np.random.Generator, samples: int, size: int, _: str) -> None:
+def _write_textvqa(folder: Path, rng: np.random.Generator, samples: int, size: int) -> None:
     (folder / "train_images").mkdir()
     records = []
     for index, (colour, shape) in enumerate(balanced_classes(rng, samples)):
