@@ -93,13 +93,12 @@ class _ImageFiles:
 # ----------------------------------------------------------------------------------------------------- COCO
 def read_coco(gt_path: Path, images: Path) -> Iterator[EvalSample]:
     """The ground truth's images with their reference captions (sample_id = the COCO image id)."""
-    data = json.loads(Path(gt_path).read_text(encoding="utf-8"))
-    names = {image["id"]: image.get("file_name") or COCO_IMAGE_NAME.format(image["id"]) for image in data["images"]}
-    image_ids, references = load_ground_truth(gt_path)
+    truth = load_ground_truth(gt_path)
     files = _ImageFiles(images)
-    for image_id in image_ids:
-        yield EvalSample(sample_id=image_id, images=[files.open(names[image_id])], question="",
-                         references=references.get(image_id, []))
+    for image_id in truth.image_ids:
+        name = truth.file_names.get(image_id) or COCO_IMAGE_NAME.format(image_id)
+        yield EvalSample(sample_id=image_id, images=[files.open(name)], question="",
+                         references=truth.references.get(image_id, []))
 
 
 # ----------------------------------------------------------------------------------------------------- MMMU
@@ -187,9 +186,14 @@ def read_textvqa(json_path: Path, images: Path) -> Iterator[EvalSample]:
         data = json.loads(json_path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise NevaError(f"{json_path} does not exist (TextVQA_0.5.1_val.json)") from None
+    except json.JSONDecodeError as exc:
+        raise NevaError(f"{json_path} is not valid JSON ({exc})") from exc
     records = data["data"] if isinstance(data, dict) and "data" in data else data
     files = _ImageFiles(images)
     for record in records:
+        missing = [k for k in ("question_id", "question", "image_id") if k not in record]
+        if missing:
+            raise NevaError(f"{json_path}: a question lacks {missing}; is this TextVQA_0.5.1_val.json?")
         name = files.find(tuple(f"{record['image_id']}{s}" for s in _IMAGE_SUFFIXES))
         if name is None:
             raise NevaError(f"{json_path}: the image of question {record['question_id']} "

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +23,15 @@ from neva_core.eval.predictions import Predictions, expect_type, read_prediction
 _GT, _PRED = "gt", "pred"
 
 
-def load_ground_truth(path: Path) -> tuple[list[int], dict[int, list[str]]]:
-    """Image ids in file order and the reference captions per image, from a COCO-format caption file."""
+@dataclass(frozen=True)
+class GroundTruth:
+    image_ids: list[int]  # in file order, as pycocotools indexes them
+    references: dict[int, list[str]]  # reference captions per image, in file order
+    file_names: dict[int, str]  # only the images whose entry names its file
+
+
+def load_ground_truth(path: Path) -> GroundTruth:
+    """A COCO-format caption file: {"images": [{"id", "file_name"?}], "annotations": [{"image_id", "caption"}]}."""
     path = Path(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -31,15 +39,16 @@ def load_ground_truth(path: Path) -> tuple[list[int], dict[int, list[str]]]:
         raise NevaError(f"ground-truth file {path} does not exist (coco_karpathy_test_gt.json, COCO format)") from None
     except json.JSONDecodeError as exc:
         raise NevaError(f"{path} is not valid JSON ({exc})") from exc
-    if not isinstance(data, dict) or not isinstance(data.get("images"), list) or not isinstance(
-        data.get("annotations"), list
-    ):
-        raise NevaError(f"{path} is not in COCO caption format: it needs 'images' and 'annotations' lists")
-    image_ids = list(dict.fromkeys(image["id"] for image in data["images"]))
-    references: dict[int, list[str]] = {}
-    for annotation in data["annotations"]:
-        references.setdefault(annotation["image_id"], []).append(annotation["caption"])
-    return image_ids, references
+    try:
+        images = {image["id"]: image.get("file_name") for image in data["images"]}
+        references: dict[int, list[str]] = {}
+        for annotation in data["annotations"]:
+            references.setdefault(annotation["image_id"], []).append(str(annotation["caption"]))
+    except (KeyError, TypeError) as exc:
+        raise NevaError(f"{path} is not in COCO caption format ({exc!r} missing): it needs 'images' with 'id' and "
+                        "'annotations' with 'image_id' and 'caption'") from None
+    return GroundTruth(image_ids=list(images), references=references,
+                       file_names={i: name for i, name in images.items() if name})
 
 
 def clean_caption(caption: str) -> str:
@@ -50,9 +59,10 @@ def clean_caption(caption: str) -> str:
 def score_coco(pred_path: Path, gt_path: Path) -> dict[str, Any]:
     """`neva eval score --task coco`: CIDEr, BLEU-1..4 and ROUGE-L (x100) of the predicted images."""
     predictions = read_predictions(pred_path, "coco")
-    image_ids, references = load_ground_truth(gt_path)
-    captions = _predicted_captions(predictions, set(image_ids), gt_path)
-    scored = [image_id for image_id in image_ids if image_id in captions]
+    truth = load_ground_truth(gt_path)
+    references = truth.references
+    captions = _predicted_captions(predictions, set(truth.image_ids), gt_path)
+    scored = [image_id for image_id in truth.image_ids if image_id in captions]
     for image_id in scored:
         if not references.get(image_id):
             raise NevaError(f"{gt_path}: image {image_id} has no reference caption; it cannot be scored")
