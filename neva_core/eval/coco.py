@@ -1,0 +1,122 @@
+"""COCO captioning scores equal to pycocoevalcap's COCOEvalCap on the same files, without its SPICE download.
+
+What Megatron's evaluate_coco.py does, step by step: predictions lower-cased with trailing dots stripped,
+the first per sample_id, only the images with a prediction scored (in the ground truth's image order), both
+sides tokenised by pycocoevalcap's PTB tokenizer (Stanford CoreNLP in Java), then its Bleu(4), Rouge and
+Cider (CIDEr-D, n=4, sigma=6, IDF from the scored images' references). COCOEvalCap.evaluate() also runs
+METEOR and SPICE, which need Java downloads at first use; the three scorers here are called directly.
+The two sides are tokenised in one Java run instead of two: the tokenizer works line by line
+(-preserveLines), so the tokens are the same.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from neva_core.errors import NevaError
+from neva_core.eval.predictions import Predictions, expect_type, read_predictions
+
+_GT, _PRED = "gt", "pred"
+
+
+@dataclass(frozen=True)
+class GroundTruth:
+    image_ids: list[int]  # in file order, as pycocotools indexes them
+    references: dict[int, list[str]]  # reference captions per image, in file order
+    file_names: dict[int, str]  # only the images whose entry names its file
+
+
+def load_ground_truth(path: Path) -> GroundTruth:
+    """A COCO-format caption file: {"images": [{"id", "file_name"?}], "annotations": [{"image_id", "caption"}]}."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise NevaError(f"ground-truth file {path} does not exist (coco_karpathy_test_gt.json, COCO format)") from None
+    except json.JSONDecodeError as exc:
+        raise NevaError(f"{path} is not valid JSON ({exc})") from exc
+    try:
+        images = {image["id"]: image.get("file_name") for image in data["images"]}
+        references: dict[int, list[str]] = {}
+        for annotation in data["annotations"]:
+            references.setdefault(annotation["image_id"], []).append(str(annotation["caption"]))
+    except (KeyError, TypeError) as exc:
+        raise NevaError(f"{path} is not in COCO caption format ({exc!r} missing): it needs 'images' with 'id' and "
+                        "'annotations' with 'image_id' and 'caption'") from None
+    return GroundTruth(image_ids=list(images), references=references,
+                       file_names={i: name for i, name in images.items() if name})
+
+
+def clean_caption(caption: str) -> str:
+    """Megatron's post-processing of a generated caption: trailing dots stripped, then lower-cased."""
+    return caption.rstrip(".").lower()
+
+
+def score_coco(pred_path: Path, gt_path: Path) -> dict[str, Any]:
+    """`neva eval score --task coco`: CIDEr, BLEU-1..4 and ROUGE-L (x100) of the predicted images."""
+    predictions = read_predictions(pred_path, "coco")
+    truth = load_ground_truth(gt_path)
+    references = truth.references
+    captions = _predicted_captions(predictions, set(truth.image_ids), gt_path)
+    scored = [image_id for image_id in truth.image_ids if image_id in captions]
+    for image_id in scored:
+        if not references.get(image_id):
+            raise NevaError(f"{gt_path}: image {image_id} has no reference caption; it cannot be scored")
+    gts, res = _tokenize({i: references[i] for i in scored}, {i: [captions[i]] for i in scored})
+    return {"task": "coco", **_corpus_scores(gts, res), "images_scored": len(scored),
+            "duplicates_ignored": predictions.duplicates_ignored,
+            "tokenizer": "pycocoevalcap PTBTokenizer (Stanford CoreNLP 3.4.1, Java)"}
+
+
+def _predicted_captions(predictions: Predictions, known: set[int], gt_path: Path) -> dict[int, str]:
+    captions = {}
+    for record in predictions.records:
+        sample_id = record["sample_id"]
+        if not isinstance(sample_id, int) or sample_id not in known:
+            raise NevaError(
+                f"{predictions.path}: sample_id {sample_id!r} is not an image id of {gt_path}; COCO predictions "
+                "are keyed by the ground truth's integer image ids"
+            )
+        captions[sample_id] = clean_caption(expect_type(predictions.path, sample_id, "caption", record["caption"], str))
+    return captions
+
+
+def _tokenize(gts: dict[int, list[str]], res: dict[int, list[str]]) -> tuple[dict, dict]:
+    """Both sides through pycocoevalcap's PTB tokenizer in one Java run."""
+    if shutil.which("java") is None:
+        raise NevaError(
+            "COCO scoring needs Java for pycocoevalcap's PTB tokenizer, and `java` is not on PATH: install a "
+            "JRE (e.g. `apt-get install openjdk-17-jre-headless`) and try again"
+        )
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    combined = {(side, image_id): [{"caption": c} for c in captions]
+                for side, table in ((_GT, gts), (_PRED, res)) for image_id, captions in table.items()}
+    try:
+        tokens = PTBTokenizer().tokenize(combined)
+    except OSError as exc:  # it writes its input file beside its jar, inside the installed package
+        raise NevaError(f"pycocoevalcap's PTB tokenizer failed to run ({exc}); it needs write access to the "
+                        "pycocoevalcap/tokenizer folder of the environment") from exc
+    for key, captions in combined.items():
+        if len(tokens.get(key, ())) != len(captions):
+            raise NevaError(
+                f"the PTB tokenizer returned {len(tokens.get(key, ()))} lines for {len(captions)} captions of "
+                f"image {key[1]}; a caption probably holds a line break the tokenizer splits on"
+            )
+    return ({i: tokens[(_GT, i)] for i in gts}, {i: tokens[(_PRED, i)] for i in res})
+
+
+def _corpus_scores(gts: dict[int, list[str]], res: dict[int, list[str]]) -> dict[str, float]:
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    rouge, _ = Rouge().compute_score(gts, res)
+    cider, _ = Cider().compute_score(gts, res)
+    return {"CIDEr": 100 * float(cider), **{f"BLEU-{n}": 100 * float(b) for n, b in enumerate(bleu, start=1)},
+            "ROUGE-L": 100 * float(rouge)}
