@@ -247,6 +247,10 @@ def discover_checkpoint(out: Path, comm: Collective) -> Checkpoint | None:
     return ckpt
 
 
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 10**8 else f"{n / 1e6:.3f} MB"
+
+
 def _disk_problem(out: Path, step: int, expected_bytes: int) -> str | None:
     committed = committed_checkpoints(out)
     needed = max([expected_bytes, *(ckpt.total_bytes for ckpt in committed[-1:])])
@@ -254,8 +258,8 @@ def _disk_problem(out: Path, step: int, expected_bytes: int) -> str | None:
     if free >= needed:
         return None
     last = f"the last checkpoint {committed[-1].path} is intact" if committed else "no checkpoint was written"
-    return (f"not enough free disk to save step {step} under {checkpoints_dir(out)}: {free / 1e9:.2f} GB free, "
-            f"about {needed / 1e9:.2f} GB needed; free some space (or lower --keep-best) and rerun to resume; {last}")
+    return (f"not enough free disk to save step {step} under {checkpoints_dir(out)}: {_size(free)} free, "
+            f"about {_size(needed)} needed; free some space (or lower --keep-best) and rerun to resume; {last}")
 
 
 def _write_share(write: Callable[[Path], None], tmp: Path, rank: int, rank_state: dict[str, Any]) -> str | None:

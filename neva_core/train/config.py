@@ -103,7 +103,7 @@ class TrainConfig(BaseModel):
     # parallelism
     tp: int = Field(1, ge=1, description="tensor-parallel size (must match the --llm checkpoint's)",
                     json_schema_extra=_meta("N"))
-    zero: Literal[0, 1, 2, 3] = Field(0, description="DeepSpeed ZeRO stage over the data-parallel ranks")
+    zero: Literal[0, 1, 2, 3] = Field(1, description="DeepSpeed ZeRO stage over the data-parallel ranks")
     activation_checkpointing: bool = Field(False, description="recompute each LLM layer's activations in backward")
     nproc: int = Field(1, ge=1, description="processes on this node (one per GPU)", json_schema_extra=_meta("N"))
     nnodes: int = Field(1, ge=1, description="nodes, each running its own `neva train` (with --node-rank)",
