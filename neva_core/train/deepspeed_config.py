@@ -1,12 +1,14 @@
 """The DeepSpeed config (the JSON `deepspeed.initialize` takes) of a TrainConfig.
 
-The learning rate follows DeepSpeed's WarmupCosineLR with linear warmup. For the optimizer step
-s = 0, 1, ... (W warmup steps, T = --max-steps):
+The learning rate follows DeepSpeed's WarmupCosineLR with linear warmup. DeepSpeed steps the
+scheduler after each optimizer step, starting from iteration -1 (lr 0), so optimizer step s = 0, 1, ...
+runs at f(s - 1), with W warmup steps and T = --max-steps:
 
-    s < W:  lr * s / W
-    s >= W: min_lr + (lr - min_lr) * (1 + cos(pi * min(1, (s - W + 1) / (T - W)))) / 2
+    f(i) = 0                                                            i < 0
+    f(i) = lr * i / W                                                   0 <= i < W
+    f(i) = min_lr + (lr - min_lr) * (1 + cos(pi * min(1, (i - W + 1) / (T - W)))) / 2
 
-so the first step runs at 0 (as in Hugging Face's linear warmup) and the last at min_lr.
+The first two steps run at lr 0; the lr after the last step is min_lr.
 """
 
 from __future__ import annotations
