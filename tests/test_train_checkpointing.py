@@ -181,3 +181,11 @@ def test_a_save_killed_before_its_commit_leaves_nothing_trusted(tmp_path: Path, 
     ckpt = discover_checkpoint(tmp_path, ONE)
     assert ckpt is not None and ckpt.step == 1
     assert [entry.name for entry in checkpoints_dir(tmp_path).iterdir()] == ["step-1"]
+
+
+def test_saving_a_committed_step_again_replaces_it(tmp_path: Path) -> None:
+    save(tmp_path, 3, val_loss=2.0)
+    again = save(tmp_path, 3, val_loss=1.0)
+    assert again.val_loss == 1.0
+    assert [entry.name for entry in checkpoints_dir(tmp_path).iterdir()] == ["step-3"]
+    verify_checkpoint(again, ONE)

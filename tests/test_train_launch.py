@@ -101,3 +101,14 @@ def test_launch_environment() -> None:
     assert env == {"PATH": "/bin", "OMP_NUM_THREADS": "4", "PYTHONUNBUFFERED": "1", "DS_ACCELERATOR": "cpu"}
     assert "DS_ACCELERATOR" not in launch_environment({}, cpu=False)
     assert launch_environment({}, cpu=False)["OMP_NUM_THREADS"] == "1"
+
+
+def test_hostfile_world_is_checked_against_the_batch(tmp_path: Path) -> None:
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("a slots=3\nb slots=3\n")
+    with pytest.raises(NevaError, match=r"--tp 4 does not divide the world size 6 \(the slots of --hostfile "):
+        make_config(hostfile=hostfile, tp=4).plan(world_size(make_config(hostfile=hostfile)))
+    with pytest.raises(NevaError, match="--global-batch 8 is not micro-batch 1 x gradient-accumulation x "
+                                        "data-parallel 6"):
+        make_config(hostfile=hostfile).plan(6)
+    assert make_config(hostfile=hostfile, global_batch=12).plan(6).grad_accum == 2
