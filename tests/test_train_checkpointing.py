@@ -119,15 +119,21 @@ def test_too_little_disk_is_a_clear_error_that_keeps_the_last_checkpoint(tmp_pat
     verify_checkpoint(discover_checkpoint(tmp_path, ONE), ONE)
 
 
-def test_running_out_of_disk_mid_save_leaves_nothing(tmp_path: Path) -> None:
+def test_a_failed_write_mid_save_leaves_nothing(tmp_path: Path) -> None:
     save(tmp_path, 1)
 
     def full_disk(folder: Path) -> None:
         (folder / "partial.pt").write_bytes(b"half")
         raise OSError(28, "No space left on device")
 
+    def broken(folder: Path) -> None:
+        (folder / "partial.pt").write_bytes(b"half")
+        raise RuntimeError("serialisation failed")
+
     with pytest.raises(NevaError, match="ran out of disk space"):
         save_checkpoint(tmp_path, 2, full_disk, ONE, rank_state={})
+    with pytest.raises(RuntimeError, match="serialisation failed"):  # a bug keeps its traceback
+        save_checkpoint(tmp_path, 2, broken, ONE, rank_state={})
     assert [entry.name for entry in checkpoints_dir(tmp_path).iterdir()] == ["step-1"]
 
 

@@ -68,6 +68,7 @@ def test_flags_override_the_config_file(parser, tmp_path: Path) -> None:
         (["--warmup-steps", "10", "--warmup-ratio", "0.1"], "either --warmup-steps or --warmup-ratio"),
         (["--warmup-steps", "100"], "--warmup-steps gives 100 warmup steps"),
         (["--warmup-steps", "1"], "--warmup-steps '1'"),
+        (["--max-steps", "2"], "the default --warmup-ratio 0.03 gives 2 warmup steps"),
         (["--min-lr", "0.1"], "--min-lr 0.1 is above --lr"),
         (["--dtype", "bf16", "--zero", "0"], "--dtype bf16 needs --zero 1"),
         (["--nnodes", "2", "--node-rank", "2", "--master-addr", "a"], "--node-rank 2 is not below --nnodes 2"),
@@ -132,3 +133,11 @@ def test_max_length_must_hold_the_image_tokens(parser) -> None:
     config.check_max_length(256)
     with pytest.raises(NevaError, match="--max-length 300 cannot hold the 576 image tokens"):
         config.check_max_length(576)
+
+
+def test_resume_refuses_changed_options_but_not_neutral_ones(parser) -> None:
+    saved = config_from(parser, MINIMAL).model_dump(mode="json")
+    config_from(parser, [*MINIMAL, "--max-steps", "200", "--save-every", "7", "--shards", "elsewhere"]) \
+        .check_resume(saved)
+    with pytest.raises(NevaError, match=r"--lr 0\.001 -> 0\.002; --betas \[0\.9, 0\.999\] -> \[0\.9, 0\.95\]"):
+        config_from(parser, [*MINIMAL, "--lr", "2e-3", "--betas", "0.9", "0.95"]).check_resume(saved)

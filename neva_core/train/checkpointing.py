@@ -262,15 +262,19 @@ def _disk_problem(out: Path, step: int, expected_bytes: int) -> str | None:
             f"about {_size(needed)} needed; free some space (or lower --keep-best) and rerun to resume; {last}")
 
 
-def _write_share(write: Callable[[Path], None], tmp: Path, rank: int, rank_state: dict[str, Any]) -> str | None:
+def _write_share(write: Callable[[Path], None], tmp: Path, rank: int,
+                 rank_state: dict[str, Any]) -> tuple[str | None, BaseException | None]:
+    """Write this rank's files; a failure is returned, not raised, so every rank learns of it (no hang)."""
     try:
         write(tmp)
         write_json_atomic(tmp / _rank_file(rank), rank_state)
     except OSError as exc:
         if exc.errno == errno.ENOSPC:
-            return f"rank {rank} ran out of disk space writing {tmp}"
-        raise
-    return None
+            return f"rank {rank} ran out of disk space writing {tmp}; free some space and rerun to resume", None
+        return f"rank {rank} failed writing {tmp}: {exc}", exc
+    except Exception as exc:  # noqa: BLE001 - re-raised below on this rank, after the others know
+        return f"rank {rank} failed writing {tmp}: {type(exc).__name__}: {exc}", exc
+    return None, None
 
 
 def _commit(tmp: Path, final: Path, manifest: dict[str, Any]) -> None:
@@ -320,13 +324,15 @@ def save_checkpoint(
     if problem:
         raise NevaError(problem)
 
-    problems = [p for p in comm.all_gather(_write_share(write, tmp, comm.rank, rank_state)) if p]
+    problem, failure = _write_share(write, tmp, comm.rank, rank_state)
+    problems = [p for p in comm.all_gather(problem) if p]
     if problems:
         if comm.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         comm.barrier()
-        raise NevaError(f"cannot save step {step}: {problems[0]}; free some space and rerun to resume from the last "
-                        "committed checkpoint")
+        if failure is not None:
+            raise failure
+        raise NevaError(f"cannot save step {step}: {problems[0]}; the last committed checkpoint is intact")
 
     names = comm.broadcast(_files_under(tmp) if comm.rank == 0 else None)
     entries: dict[str, Any] = {}

@@ -24,6 +24,14 @@ TemplateName = Literal["plain", "vicuna_v1", "llama_2", "mistral"]
 DEFAULT_WARMUP_RATIO = 0.03
 # DeepSpeed's WarmupCosineLR clamps shorter warmups to 2 steps and refuses 0.
 MIN_WARMUP_STEPS = 2
+# Options a resumed run may change: where things are and are written, how often it saves, validates and
+# logs, how the processes are started, and how long it runs (a finished run can be extended). The data
+# and model folders are checked by their manifests, not their paths; the world size by the checkpoint's.
+RESUME_NEUTRAL = frozenset({
+    "shards", "llm", "vision", "tokenizer", "out", "init", "max_steps", "save_every", "save_minutes",
+    "val_every", "val_batches", "keep_best", "log_every", "nproc", "nnodes", "node_rank", "master_addr",
+    "master_port", "hostfile", "ssh", "activation_checkpointing",
+})
 
 
 def flag(field: str) -> str:
@@ -151,7 +159,8 @@ class TrainConfig(BaseModel):
         if self.min_lr > self.lr:
             raise NevaError(f"--min-lr {self.min_lr} is above --lr {self.lr}; the cosine decays from --lr to --min-lr")
         if self.resolved_warmup_steps >= self.max_steps:
-            source = "--warmup-steps" if self.warmup_steps is not None else "--warmup-ratio"
+            source = ("--warmup-steps" if self.warmup_steps is not None else "--warmup-ratio"
+                      if self.warmup_ratio is not None else f"the default --warmup-ratio {DEFAULT_WARMUP_RATIO}")
             raise NevaError(
                 f"{source} gives {self.resolved_warmup_steps} warmup steps, not fewer than --max-steps "
                 f"{self.max_steps}: nothing is left for the cosine decay; lower the warmup or raise --max-steps"
@@ -182,6 +191,7 @@ class TrainConfig(BaseModel):
         if self.warmup_steps is not None:
             return self.warmup_steps
         ratio = DEFAULT_WARMUP_RATIO if self.warmup_ratio is None else self.warmup_ratio
+        # Rounded up as the Hugging Face Trainer (LLaVA's) does.
         return max(MIN_WARMUP_STEPS, math.ceil(ratio * self.max_steps))
 
     def plan(self, world_size: int) -> BatchPlan:
@@ -209,6 +219,18 @@ class TrainConfig(BaseModel):
         if world_size == self.nnodes * self.nproc:
             return f"--nnodes {self.nnodes} x --nproc {self.nproc}"
         return "from the launcher's environment"
+
+    def check_resume(self, saved: Mapping[str, Any]) -> None:
+        """Refuse to resume a checkpoint trained with other result-affecting options (`saved`: its config's
+        `model_dump(mode="json")`), naming every changed flag."""
+        current = self.model_dump(mode="json")
+        changed = [f"{flag(name)} {saved.get(name)!r} -> {value!r}" for name, value in current.items()
+                   if name not in RESUME_NEUTRAL and saved.get(name) != value]
+        if changed:
+            raise NevaError(
+                f"cannot resume {self.out}: its checkpoints were trained with other options ({'; '.join(changed)}); "
+                "rerun with the original options, or choose a new --out"
+            )
 
     def check_max_length(self, image_tokens: int) -> None:
         """Refuse a --max-length that cannot hold one image's tokens and some text."""
