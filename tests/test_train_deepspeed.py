@@ -69,7 +69,9 @@ def test_warmup_ratio_rounds_up_to_whole_steps() -> None:
 
 DEEPSPEED_RUN = """
 import json, sys
+from pathlib import Path
 import deepspeed, torch
+from neva_core.train import checkpointing as ck
 from neva_core.train.config import TrainConfig
 from neva_core.train.deepspeed_config import deepspeed_config
 from neva_core.train.parallel import init_parallel_groups
@@ -82,25 +84,42 @@ torch.manual_seed(0)
 model = torch.nn.Linear(4, 2)
 engine, _, _, scheduler = deepspeed.initialize(model=model, model_parameters=model.parameters(), mpu=mpu,
                                                config=deepspeed_config(config, plan, torch_adam=True))
-lrs = []
-for step in range(config.max_steps):
-    lrs.append(engine.get_lr()[0])
-    for _ in range(plan.grad_accum):
-        engine.backward(engine(torch.randn(plan.micro_batch, 4)).pow(2).sum())
-        engine.step()
+
+def train(steps):
+    lrs = []
+    for _ in steps:
+        lrs.append(engine.get_lr()[0])
+        for _ in range(plan.grad_accum):
+            engine.backward(engine(torch.randn(plan.micro_batch, 4)).pow(2).sum())
+            engine.step()
+    return lrs
+
+half = config.max_steps // 2
+lrs = train(range(half))
+comm = ck.TorchCollective()
+ckpt = ck.save_checkpoint(config.out, half, lambda d: engine.save_checkpoint(str(d), tag=ck.DEEPSPEED_TAG,
+                          save_latest=False), comm, rank_state=ck.capture_rank_state({"batches": half}))
+lrs += train(range(half, config.max_steps))
+weights = [p.detach().clone() for p in engine.module.parameters()]
+found = ck.discover_checkpoint(config.out, comm)
+engine.load_checkpoint(str(found.path), tag=ck.DEEPSPEED_TAG)
+loader = ck.restore_rank_state(found.rank_state(0))
+resumed_lrs = train(range(half, config.max_steps))
 groups = engine.optimizer.optimizer.param_groups if hasattr(engine.optimizer, "optimizer") \\
     else engine.optimizer.param_groups
 print(json.dumps({"lrs": lrs, "final_lr": engine.get_lr()[0], "train_batch_size": engine.train_batch_size(),
                   "grad_accum": engine.gradient_accumulation_steps(), "clip": engine.gradient_clipping(),
                   "scheduler": type(scheduler).__name__, "optimizer_steps": engine.global_steps,
                   "betas": list(groups[0]["betas"]), "weight_decay": groups[0]["weight_decay"],
-                  "dp": engine.dp_world_size}))
+                  "dp": engine.dp_world_size, "files": sorted(ckpt.manifest["files"]), "found": found.step,
+                  "loader": loader, "resumed_lrs": resumed_lrs, "lrs_after_half": lrs[half:],
+                  "bit_identical": all(torch.equal(a, b) for a, b in zip(weights, engine.module.parameters()))}))
 """
 
 
 @pytest.fixture(scope="module")
-def deepspeed_run() -> tuple[TrainConfig, dict]:
-    config = make_config(zero=1)
+def deepspeed_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[TrainConfig, dict]:
+    config = make_config(zero=1, out=tmp_path_factory.mktemp("deepspeed-run"))
     extensions = REPO / ".torch_extensions"  # the shm-comm JIT build is kept here between runs (gitignored)
     env = os.environ | {"DS_ACCELERATOR": "cpu", "TORCH_EXTENSIONS_DIR": str(extensions), "OMP_NUM_THREADS": "1",
                         "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
@@ -115,7 +134,7 @@ def test_deepspeed_takes_the_config_and_the_mpu(deepspeed_run) -> None:
     config, run = deepspeed_run
     assert (run["train_batch_size"], run["grad_accum"], run["dp"]) == (4, 2, 1)
     assert (run["clip"], run["betas"], run["weight_decay"]) == (0.5, [0.9, 0.95], 0.1)
-    assert (run["scheduler"], run["optimizer_steps"]) == ("WarmupCosineLR", config.max_steps)
+    assert run["scheduler"] == "WarmupCosineLR"
 
 
 def test_learning_rate_follows_the_documented_schedule(deepspeed_run) -> None:
@@ -123,3 +142,14 @@ def test_learning_rate_follows_the_documented_schedule(deepspeed_run) -> None:
     expected = [expected_lr(config, step) for step in range(config.max_steps)]
     assert run["lrs"] == pytest.approx(expected, rel=1e-9, abs=1e-12)
     assert run["lrs"][:2] == [0.0, 0.0] and run["final_lr"] == pytest.approx(config.min_lr)
+
+
+def test_a_real_deepspeed_save_commits_and_resumes_bit_identically(deepspeed_run) -> None:
+    config, run = deepspeed_run
+    half = config.max_steps // 2
+    assert run["found"] == half and run["loader"] == {"batches": half}
+    assert "latest" not in " ".join(run["files"])  # DeepSpeed's pointer is never written, never trusted
+    assert "deepspeed/mp_rank_00_model_states.pt" in run["files"] and "ranks/rank-00000.json" in run["files"]
+    assert any(name.endswith("optim_states.pt") for name in run["files"])
+    assert run["resumed_lrs"] == run["lrs_after_half"]
+    assert run["bit_identical"]  # the scheduler, optimizer and torch RNG (the batches) all came back
