@@ -49,7 +49,7 @@ def _choices(annotation: Any) -> list[Any] | None:
 def _add_field(parser: argparse.ArgumentParser, name: str, info: FieldInfo) -> None:
     annotation = info.annotation
     options: dict[str, Any] = {"default": argparse.SUPPRESS, "help": _help(info), "dest": name}
-    metavar = (info.json_schema_extra or {}).get("metavar") if isinstance(info.json_schema_extra, dict) else None
+    extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
     if annotation is bool:
         options["action"] = argparse.BooleanOptionalAction
     elif typing.get_origin(annotation) is tuple:
@@ -59,7 +59,7 @@ def _add_field(parser: argparse.ArgumentParser, name: str, info: FieldInfo) -> N
         options.update(choices=choices, type=type(choices[0]))
     else:
         # Numbers stay text here: pydantic converts them and its errors name the flag (a non-numeric --lr).
-        options["metavar"] = metavar or name.upper()
+        options["metavar"] = extra.get("metavar", name.upper())
     parser.add_argument(flag(name), **options)
 
 
