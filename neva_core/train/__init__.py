@@ -1,0 +1,1 @@
+"""The training stage: config, parallel groups, DeepSpeed config, checkpoints and launchers."""
