@@ -361,6 +361,26 @@ def test_cli_help_explains_every_option(monkeypatch, capsys):
         assert option in text
 
 
+def test_cli_and_flow_share_one_val_fraction_default(monkeypatch, capsys):
+    import inspect
+
+    from neva_core.config import DatasetConfig
+    from tasks.data import shard_task
+
+    monkeypatch.setattr(cli, "COMMAND_MODULES", ("shard",))
+    with pytest.raises(SystemExit):
+        cli.main(["shard", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "(default: 0.0, as in the flow: every record trains" in help_text
+    defaults = {
+        "library": inspect.signature(shard_dataset).parameters["val_fraction"].default,
+        "task": inspect.signature(shard_task.fn).parameters["val_fraction"].default,
+        "flow config": DatasetConfig().val_fraction,
+    }
+    assert defaults == dict.fromkeys(defaults, 0.0)
+    assert "every record trains" in DatasetConfig.model_fields["val_fraction"].description
+
+
 def test_in_flight_work_is_bounded(tmp_path, monkeypatch):
     """The parent stops reading the JSON while 2 x workers shards are queued."""
     records, images = valid_dataset(30)
