@@ -4,9 +4,10 @@ Two kinds of tokenizer are handled: a sentencepiece `tokenizer.model` (LLaMA-2, 
 a Hugging Face `tokenizer.json` with no sentencepiece file (Qwen2, Llama-3: byte-level BPE), in
 `neva_core.tokenizer_fast`. `extend_tokenizer` picks the kind from the file or folder it is given.
 
-For sentencepiece models, NeMo's recipe appends `<extra_id_0>` ... `<extra_id_7>` to the LLM's sentencepiece `ModelProto`, so the new
-ids start at the old vocabulary size (LLaMA-2: 32000-32007, vocab 32008). The proto is edited through the
-`sentencepiece_model_pb2` module the sentencepiece wheel ships; nothing is built from source.
+For sentencepiece models, NeMo's recipe appends `<extra_id_0>` ... `<extra_id_7>` to the LLM's
+`ModelProto`, so the new ids start at the old vocabulary size (LLaMA-2: 32000-32007, vocab 32008). The
+proto is edited through the `sentencepiece_model_pb2` module the sentencepiece wheel ships; nothing is
+built from source.
 
 The output folder also holds `tokenizer.json` and `tokenizer_config.json` so that
 `transformers.AutoTokenizer.from_pretrained(DIR)` encodes every text to the same ids as sentencepiece, with

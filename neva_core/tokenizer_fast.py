@@ -117,7 +117,8 @@ def _read_sources(tokenizer_json: Path) -> dict[str, bytes]:
     try:
         sources = {HF_TOKENIZER_FILE: tokenizer_json.read_bytes()}
     except FileNotFoundError as exc:
-        raise NevaError(f"the tokenizer {tokenizer_json} does not exist; pass a tokenizer.json or a model folder") from exc
+        raise NevaError(f"the tokenizer {tokenizer_json} does not exist; "
+                        "pass a tokenizer.json or a model folder") from exc
     for name in (HF_CONFIG_FILE, *COMPANION_FILES):
         path = tokenizer_json.parent / name
         if path.is_file():
@@ -131,7 +132,8 @@ def load_fast_tokenizer(data: bytes, path: Path) -> Tokenizer:
     try:
         return Tokenizer.from_str(data.decode("utf-8"))
     except Exception as exc:  # tokenizers raises a bare Exception naming no file
-        raise NevaError(f"{path} is not a Hugging Face tokenizer.json ({exc}); pass the model's tokenizer.json") from exc
+        raise NevaError(f"{path} is not a Hugging Face tokenizer.json ({exc}); "
+                        "pass the model's tokenizer.json") from exc
 
 
 def id_count(tokenizer: Tokenizer) -> int:

@@ -596,7 +596,8 @@ def select_paths(names: Sequence[str], include: Sequence[str], subject: str) -> 
                                 f"{_examples(names)}")
             log.warning("%s: --include %r matches no file", subject, pattern)
     if not chosen:
-        raise NevaError(f"{subject}: no file matches --include {' '.join(include)}; the snapshot has {_examples(names)}")
+        raise NevaError(f"{subject}: no file matches --include {' '.join(include)}; "
+                        f"the snapshot has {_examples(names)}")
     return sorted(chosen)
 
 
