@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,7 @@ def qwen2_tokenizer(qwen2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
     return extend_tokenizer(qwen2_dir, tmp_path_factory.mktemp("qwen2-tokenizer") / "extended")
 
 
-def variant(qwen2_dir: Path, dest: Path, special: list[str] = (), plain: list[str] = ()) -> Path:
+def variant(qwen2_dir: Path, dest: Path, special: Sequence[str] = (), plain: Sequence[str] = ()) -> Path:
     """A copy of the fixture's tokenizer files with more special (or plain added) tokens at the end."""
     dest.mkdir()
     tokenizer = Tokenizer.from_file(str(qwen2_dir / "tokenizer.json"))
