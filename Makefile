@@ -6,6 +6,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH ?= torch==2.13.0
+# `make bench` runs every benchmark in bench/ at the sizes the README's figures use; each prints one JSON
+# line. Smaller runs: make bench BENCH_SHARD_ARGS="--images 2000" BENCH_CONVERT_ARGS="--quick".
+BENCH_SHARD_ARGS ?=
+BENCH_CONVERT_ARGS ?=
 
 .PHONY: demo test install clean bench
 
@@ -23,6 +27,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
+
+bench: $(STAMP)
+	$(BIN)/python bench/shard.py $(BENCH_SHARD_ARGS)
+	$(BIN)/python bench/convert.py $(BENCH_CONVERT_ARGS)
 
 clean:
 	rm -rf demo-run .pytest_cache

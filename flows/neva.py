@@ -15,7 +15,7 @@ from typing import Any
 
 from prefect import flow
 
-from neva_core.config import ModelConfig, PipelineConfig
+from neva_core.config import AUTO_TOKENIZER, ModelConfig, PipelineConfig
 from neva_core.data.download import HubSource, parse_source
 from tasks.checkpoint import convert_task, extend_tokenizer_task, repartition_task
 from tasks.data import download_task, shard_task, unzip_task
@@ -64,9 +64,11 @@ def prepare_checkpoints(model: ModelConfig, llm_download: Any, vision_download: 
     """Tokenizer → native checkpoint (vocab grown to the extended tokenizer) → the training TP size."""
     llm_dir = Path(llm_download.result()["dest"])
     model_root = llm_dir.parent
-    tokenizer = extend_tokenizer_task(llm_dir / model.tokenizer_file, model_root / "tokenizer", model.special_tokens)
+    # "auto": the snapshot decides the kind (tokenizer.model: sentencepiece; else tokenizer.json).
+    tokenizer_source = llm_dir if model.tokenizer_file == AUTO_TOKENIZER else llm_dir / model.tokenizer_file
+    tokenizer = extend_tokenizer_task(tokenizer_source, model_root / "tokenizer", model.special_tokens)
     dtype = model.dtype or "source-dtype"
-    native = convert_task(llm_dir, model_root / f"native-{dtype}-tp1", tokenizer=Path(tokenizer["tokenizer_model"]),
+    native = convert_task(llm_dir, model_root / f"native-{dtype}-tp1", tokenizer=Path(tokenizer["out_dir"]),
                           dtype=model.dtype)
     if model.tp > 1:
         native = repartition_task(Path(native["path"]), model_root / f"native-{dtype}-tp{model.tp}", model.tp)

@@ -11,8 +11,12 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from neva_core.data.download import ALTERNATIVES as WEIGHTS_OR
 from neva_core.data.download import parse_source
+from neva_core.data.shards import DEFAULT_VAL_FRACTION
 from neva_core.tokenizer import NEVA_SPECIAL_TOKENS
+
+AUTO_TOKENIZER = "auto"
 
 
 def _check_source(value: str) -> str:
@@ -35,7 +39,11 @@ class DatasetConfig(_Strict):
     unzip: bool = Field(False, description="also extract images.zip to a folder (sharding reads the zip directly)")
     maxcount: int = Field(10000, ge=1, description="samples per webdataset shard")
     workers: int | None = Field(None, ge=1, description="sharding processes (default: up to 4)")
-    val_fraction: float = Field(0.01, ge=0.0, lt=1.0, description="share of records in the val split")
+    val_fraction: float = Field(
+        DEFAULT_VAL_FRACTION, ge=0.0, lt=1.0,
+        description="share of records in the val split (default 0: every record trains, as in the LLaVA recipes; "
+                    "set it for validation loss)",
+    )
 
     _sources = field_validator("json_source", "images_source")(_check_source)
 
@@ -44,10 +52,15 @@ class ModelConfig(_Strict):
     """The language and vision checkpoints, and how the LLM is converted."""
 
     llm_source: str = "hf://meta-llama/Llama-2-7b-chat-hf"
-    llm_include: tuple[str, ...] = ("*.json", "*.safetensors", "tokenizer.model")
+    # "A|B": A's files when the repo has any, else B's; neither is an error (see download.select_paths).
+    llm_include: tuple[str, ...] = ("*.json", f"*.safetensors{WEIGHTS_OR}pytorch_model*.bin", "tokenizer.model")
     vision_source: str = "hf://openai/clip-vit-large-patch14-336"
-    vision_include: tuple[str, ...] = ("*.json", "*.safetensors")
-    tokenizer_file: str = Field("tokenizer.model", description="sentencepiece model inside the LLM snapshot")
+    vision_include: tuple[str, ...] = ("*.json", f"*.safetensors{WEIGHTS_OR}pytorch_model*.bin")
+    tokenizer_file: str = Field(
+        AUTO_TOKENIZER,
+        description="tokenizer inside the LLM snapshot: 'auto' (tokenizer.model when present, else tokenizer.json) "
+                    "or a file name",
+    )
     special_tokens: tuple[str, ...] = NEVA_SPECIAL_TOKENS
     tp: int = Field(1, ge=1, description="tensor-parallel size of the training checkpoint")
     dtype: Literal["bf16", "fp16", "fp32"] | None = Field("bf16", description="None keeps the checkpoint's dtype")

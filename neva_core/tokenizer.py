@@ -1,12 +1,19 @@
-"""Extend a sentencepiece tokenizer with NeVA's special tokens, and write Hugging Face files that agree with it.
+"""Extend an LLM's tokenizer with NeVA's special tokens, and write Hugging Face files that agree with it.
 
-NeMo's recipe appends `<extra_id_0>` ... `<extra_id_7>` to the LLM's sentencepiece `ModelProto`, so the new
-ids start at the old vocabulary size (LLaMA-2: 32000-32007, vocab 32008). The proto is edited through the
-`sentencepiece_model_pb2` module the sentencepiece wheel ships; nothing is built from source.
+Two kinds of tokenizer are handled: a sentencepiece `tokenizer.model` (LLaMA-2, Mistral, Vicuna), here, and
+a Hugging Face `tokenizer.json` with no sentencepiece file (Qwen2, Llama-3: byte-level BPE), in
+`neva_core.tokenizer_fast`. `extend_tokenizer` picks the kind from the file or folder it is given.
+
+For sentencepiece models, NeMo's recipe appends `<extra_id_0>` ... `<extra_id_7>` to the LLM's
+`ModelProto`, so the new ids start at the old vocabulary size (LLaMA-2: 32000-32007, vocab 32008). The
+proto is edited through the `sentencepiece_model_pb2` module the sentencepiece wheel ships; nothing is
+built from source.
 
 The output folder also holds `tokenizer.json` and `tokenizer_config.json` so that
 `transformers.AutoTokenizer.from_pretrained(DIR)` encodes every text to the same ids as sentencepiece, with
-one documented exception (a text that is exactly one added token, see `_dummy_prefix_pattern`).
+one documented exception (a text that is exactly one added token, see `_dummy_prefix_pattern`). A model
+whose encoding no `tokenizers` pipeline here reproduces (a unigram model, an nmt_nfkc normaliser) is still
+extended, as NeMo's script does; only its Hugging Face files are left out, and the result says why.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ import json
 import logging
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal
@@ -54,6 +61,10 @@ NEVA_TOKEN_ROLES: Mapping[str, str] = MappingProxyType({
     "eos": "<extra_id_7>",  # replaced by the real EOS id after tokenising
 })
 
+TokenizerKind = Literal["sentencepiece", "hf-fast"]
+SENTENCEPIECE: TokenizerKind = "sentencepiece"
+HF_FAST: TokenizerKind = "hf-fast"
+
 PieceKind = Literal["user_defined", "control"]
 _Piece = sp_pb2.ModelProto.SentencePiece
 PIECE_TYPES: Mapping[str, int] = MappingProxyType({"user_defined": _Piece.USER_DEFINED, "control": _Piece.CONTROL})
@@ -70,14 +81,26 @@ _SPACE = "\u2581"  # sentencepiece's visible space
 class TokenizerExtension:
     out_dir: Path
     added: dict[str, int]  # token -> new id, in id order
-    already_present: dict[str, int]  # requested tokens the source already had, with the same type
+    already_present: dict[str, int]  # tokens the source already had and the extension uses, with their ids
     vocab_size: int
     old_vocab_size: int
     reused: bool = False  # True when out_dir already held this extension and nothing was written
+    kind: TokenizerKind = SENTENCEPIECE
+    roles: dict[str, str] = field(default_factory=dict)  # NeVA role -> the token that plays it
+    hf_files_refused: str | None = None  # why a sentencepiece model got no Hugging Face files (None: it got them)
 
     @property
     def tokenizer_model(self) -> Path:
         return self.out_dir / MODEL_FILE
+
+    @property
+    def tokenizer_file(self) -> Path:
+        """The file the extension is read from: tokenizer.model (sentencepiece) or tokenizer.json."""
+        return self.out_dir / (MODEL_FILE if self.kind == SENTENCEPIECE else HF_TOKENIZER_FILE)
+
+
+class HFMismatch(NevaError):
+    """No Hugging Face tokenizer built here encodes exactly like this sentencepiece model."""
 
 
 def piece_type_name(piece_type: int) -> str:
@@ -107,6 +130,22 @@ def parse_model_proto(data: bytes, path: Path) -> sp_pb2.ModelProto:
     if not proto.pieces:
         raise NevaError(f"{path} is not a sentencepiece model (it has no pieces); pass the tokenizer.model file")
     return proto
+
+
+def find_tokenizer(folder: Path) -> Path:
+    """The tokenizer file of a model snapshot: tokenizer.model when present (sentencepiece), else tokenizer.json."""
+    for name in (MODEL_FILE, HF_TOKENIZER_FILE):
+        if (Path(folder) / name).is_file():
+            return Path(folder) / name
+    raise NevaError(
+        f"{folder} has neither {MODEL_FILE} (sentencepiece) nor {HF_TOKENIZER_FILE} (a Hugging Face fast "
+        "tokenizer); download the LLM with its tokenizer files (include them in the download patterns)"
+    )
+
+
+def default_roles(tokens: Sequence[str] | set[str]) -> dict[str, str]:
+    """NeVA's roles whose default token (`NEVA_TOKEN_ROLES`) is among `tokens`."""
+    return {role: token for role, token in NEVA_TOKEN_ROLES.items() if token in tokens}
 
 
 def validate_tokens(tokens: Sequence[str]) -> None:
@@ -149,16 +188,31 @@ def add_pieces(
 
 
 def extend_tokenizer(
-    model_path: Path,
+    source: Path,
     out_dir: Path,
     tokens: Sequence[str] = NEVA_SPECIAL_TOKENS,
     piece_type: PieceKind = "user_defined",
 ) -> TokenizerExtension:
-    """Write `out_dir` with the extended `tokenizer.model`, Hugging Face tokenizer files and `extension.json`.
+    """Write `out_dir` with the extended tokenizer, Hugging Face tokenizer files and `extension.json`.
 
-    Running it again with the same source and request returns the recorded result and writes nothing.
+    `source` is a sentencepiece `tokenizer.model`, a `tokenizer.json`, or a model folder (its tokenizer.model
+    when present, else its tokenizer.json). Running it again with the same source and request returns the
+    recorded result and writes nothing.
     """
-    model_path, out_dir = Path(model_path), Path(out_dir)
+    source = Path(source)
+    if source.is_dir():
+        source = find_tokenizer(source)
+    if source.suffix == ".json":
+        from neva_core.tokenizer_fast import extend_fast_tokenizer
+
+        return extend_fast_tokenizer(source, Path(out_dir), tokens, piece_type)
+    return extend_sentencepiece(source, Path(out_dir), tokens, piece_type)
+
+
+def extend_sentencepiece(
+    model_path: Path, out_dir: Path, tokens: Sequence[str], piece_type: PieceKind
+) -> TokenizerExtension:
+    """The sentencepiece kind: new pieces appended to the ModelProto, and HF files that encode like it."""
     if piece_type not in PIECE_TYPES:
         raise NevaError(f"piece type {piece_type!r} is not one of {', '.join(PIECE_TYPES)}")
     validate_tokens(tokens)
@@ -173,22 +227,32 @@ def extend_tokenizer(
     added, present = add_pieces(proto, tokens, PIECE_TYPES[piece_type])
     # Unchanged models are copied byte for byte, so a rerun on an extended model reproduces it exactly.
     model_bytes = proto.SerializeToString() if added else source_bytes
-    hf_tokenizer = build_hf_tokenizer(proto, model_path)
-    check_agreement(model_bytes, hf_tokenizer, list(tokens))
+    hf_tokenizer, refusal = None, None
+    try:
+        hf_tokenizer = build_hf_tokenizer(proto, model_path)
+        check_agreement(model_bytes, hf_tokenizer, list(tokens))
+    except HFMismatch as exc:
+        refusal = f"{exc}; the extended {MODEL_FILE} is written without {HF_TOKENIZER_FILE}/{HF_CONFIG_FILE}"
+        log.warning("%s", refusal)
     record = {
         "request": request,
         "source": {"sha256": source_sha256, "vocab_size": old_vocab_size},
+        "kind": SENTENCEPIECE,
         "added": added,
         "already_present": present,
         "vocab_size": len(proto.pieces),
+        "roles": default_roles({piece.piece for piece in proto.pieces}),
+        "hf_files_refused": refusal,
     }
     with atomic_dir(out_dir) as tmp:
         with atomic_file(tmp / MODEL_FILE) as f:
             f.write(model_bytes)
-        write_hf_files(proto, hf_tokenizer, tmp)
+        names = [MODEL_FILE, EXTENSION_FILE]
+        if hf_tokenizer is not None:
+            write_hf_files(proto, hf_tokenizer, tmp)
+            names += [HF_TOKENIZER_FILE, HF_CONFIG_FILE]
         write_json_atomic(tmp / EXTENSION_FILE, record)
-        names = (MODEL_FILE, HF_TOKENIZER_FILE, HF_CONFIG_FILE, EXTENSION_FILE)
-        write_manifest(tmp, {"stage": STAGE, "files": {name: file_entry(tmp / name) for name in names}})
+        write_manifest(tmp, {"stage": STAGE, "files": {name: file_entry(tmp / name) for name in sorted(names)}})
     return _extension_from_record(out_dir, record)
 
 
@@ -215,6 +279,9 @@ def _extension_from_record(out_dir: Path, record: dict[str, Any], *, reused: boo
         vocab_size=record["vocab_size"],
         old_vocab_size=record["source"]["vocab_size"],
         reused=reused,
+        kind=record.get("kind", SENTENCEPIECE),
+        roles=dict(record.get("roles", {})),
+        hf_files_refused=record.get("hf_files_refused"),
     )
 
 
@@ -227,11 +294,11 @@ def _check_hf_compatible(proto: sp_pb2.ModelProto, source: Path) -> None:
     spec, norm = proto.trainer_spec, proto.normalizer_spec
     supported = "only LLaMA-style models (BPE, identity normaliser, spaces kept) get matching Hugging Face files"
     if spec.model_type != sp_pb2.TrainerSpec.BPE:
-        raise NevaError(f"{source} is a {sp_pb2.TrainerSpec.ModelType.Name(spec.model_type)} model; {supported}")
+        raise HFMismatch(f"{source} is a {sp_pb2.TrainerSpec.ModelType.Name(spec.model_type)} model; {supported}")
     if norm.precompiled_charsmap or norm.name not in ("", "identity"):
-        raise NevaError(f"{source} normalises text with {norm.name!r}; {supported}")
+        raise HFMismatch(f"{source} normalises text with {norm.name!r}; {supported}")
     if norm.remove_extra_whitespaces:
-        raise NevaError(f"{source} removes extra whitespace; {supported}")
+        raise HFMismatch(f"{source} removes extra whitespace; {supported}")
 
 
 def _bpe_merges(proto: sp_pb2.ModelProto) -> list[tuple[str, str]]:
@@ -357,7 +424,7 @@ def check_agreement(model_bytes: bytes, hf_tokenizer: Tokenizer, tokens: Sequenc
         expected = processor.encode(text)
         got = hf_tokenizer.encode(text, add_special_tokens=False).ids
         if got != expected:
-            raise NevaError(
+            raise HFMismatch(
                 f"the Hugging Face tokenizer built for this model encodes {text!r} as {got}, sentencepiece as "
-                f"{expected}: this sentencepiece model cannot be mirrored exactly, so nothing was written"
+                f"{expected}: this sentencepiece model cannot be mirrored exactly"
             )

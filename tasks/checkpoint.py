@@ -33,9 +33,9 @@ def extend_tokenizer_task(
     tokens: tuple[str, ...],
     piece_type: Literal["user_defined", "control"] = "user_defined",
 ) -> dict[str, Any]:
-    """Append NeVA's special tokens to a sentencepiece model; also write Hugging Face tokenizer files."""
+    """Append NeVA's special tokens to a tokenizer.model, a tokenizer.json or a model folder's tokenizer."""
     extension = extend_tokenizer(model_path, out_dir, tokens, piece_type)
-    return {**to_json(extension), "tokenizer_model": str(extension.tokenizer_model)}
+    return {**to_json(extension), "tokenizer_file": str(extension.tokenizer_file)}
 
 
 def _native_checkpoint_complete(result: dict[str, Any]) -> None:

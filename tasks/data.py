@@ -11,7 +11,7 @@ from prefect.context import TaskRunContext
 
 from neva_core.data.archive import read_record, unzip
 from neva_core.data.download import download, remote_fingerprint
-from neva_core.data.shards import read_shard_manifest, shard_dataset
+from neva_core.data.shards import DEFAULT_VAL_FRACTION, read_shard_manifest, shard_dataset
 from neva_core.errors import NevaError
 from tasks.caching import StageCache, retry_transient
 from tasks.results import to_json
@@ -93,7 +93,7 @@ def shard_task(
     out_dir: Path,
     maxcount: int = 10000,
     workers: int | None = None,
-    val_fraction: float = 0.01,
+    val_fraction: float = DEFAULT_VAL_FRACTION,
 ) -> dict[str, Any]:
     """Validate every record and image and write webdataset shards (+ energon metadata) into `out_dir`."""
     result = shard_dataset(json_path, images, out_dir, maxcount=maxcount, workers=workers, val_fraction=val_fraction)

@@ -37,3 +37,12 @@ def neva_tokenizer(neva_fixtures: Fixtures, tmp_path_factory: pytest.TempPathFac
     """The fixture tokenizer extended with NeVA's <extra_id_0>..<extra_id_7> (ids 384..391, vocab 392)."""
     out: Path = tmp_path_factory.mktemp("neva-tokenizer") / "extended"
     return extend_tokenizer(neva_fixtures.tokenizer_model, out)
+
+
+@pytest.fixture(scope="session")
+def qwen2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Qwen2ForCausalLM whose tokenizer is a byte-level BPE tokenizer.json (403 ids, no tokenizer.model)."""
+    from neva_core.fixtures import write_tiny_qwen2
+    from neva_core.fixtures.datasets import tokenizer_corpus
+
+    return write_tiny_qwen2(tmp_path_factory.mktemp("neva-qwen2") / "tiny-qwen2", tokenizer_corpus(), seed=7)

@@ -168,6 +168,8 @@ def _write_config(folder: Path, **changes) -> Path:
     ("changes", "message"),
     [
         ({"architectures": ["GPT2LMHeadModel"]}, "architectures=\\['GPT2LMHeadModel'\\] is not supported"),
+        # Yi's first releases (remote code) named their own class; today's Yi repos say LlamaForCausalLM.
+        ({"architectures": ["YiForCausalLM"], "model_type": "Yi"}, "architectures=\\['YiForCausalLM'\\]"),
         ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}}, "RoPE scaling type 'yarn'"),
         ({"mlp_bias": True}, "mlp_bias=true is not supported"),
         ({"attention_bias": True}, "attention_bias=true"),
@@ -180,6 +182,17 @@ def test_unsupported_inputs_are_clear_errors(changes, message, tmp_path: Path):
     with pytest.raises(NevaError, match=message):
         convert_hf_checkpoint(hf_dir, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_yi_checkpoints_are_llama_and_no_yi_family_exists() -> None:
+    from neva_core.checkpoint.hf import family_of
+    from neva_core.model.config import LLMConfig
+
+    yi_6b = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 64000}  # 01-ai/Yi-6B
+    assert family_of(yi_6b) == "llama"
+    with pytest.raises(NevaError, match="model family 'yi' is not supported"):
+        LLMConfig(family="yi", num_layers=1, hidden_size=8, ffn_hidden_size=16, num_attention_heads=2,
+                  num_query_groups=2, head_dim=4, vocab_size=8, padded_vocab_size=128, max_position_embeddings=8)
 
 
 def test_unknown_extra_tensor_is_refused(tmp_path: Path):

@@ -12,6 +12,7 @@ import pytest
 
 from download_support import FakeHub, FakeServer, git_blob_id, isolate_hub_client, payload, sha256_hex
 from neva_core import cli
+from neva_core.config import ModelConfig
 from neva_core.data.download import (
     STATE_DIR,
     HubSource,
@@ -255,6 +256,50 @@ def test_hub_snapshot_rerun_transfers_nothing(hub: FakeHub, tmp_path: Path) -> N
     assert result.transferred_bytes == 0
     assert [r.path for r in hub.server.requests[before:]] == ["/api/models/org/model"]  # metadata only
     assert (tmp_path / "manifest.json").is_file()
+
+
+def clip_files(*weights: str) -> dict[str, bytes]:
+    """A CLIP repo as openai/clip-vit-large-patch14-336 holds it, with the given weight files."""
+    files = {"config.json": b'{"model_type": "clip"}', "preprocessor_config.json": b'{"crop_size": 336}',
+             "tf_model.h5": payload(9_000, 5), "README.md": b"# CLIP"}
+    return files | {name: payload(30_000, 6 + i) for i, name in enumerate(weights)}
+
+
+CLIP_LFS = {"tf_model.h5", "pytorch_model.bin", "model.safetensors"}
+
+
+def test_clip_repo_with_only_bin_weights_gets_the_bin(hub: FakeHub, tmp_path: Path) -> None:
+    files = clip_files("pytorch_model.bin")
+    hub.add_repo("openai/clip-vit-large-patch14-336", files, lfs=CLIP_LFS)
+    result = download("hf://openai/clip-vit-large-patch14-336", tmp_path, include=ModelConfig().vision_include,
+                      endpoint=hub.endpoint, **FAST)
+    assert [f.path for f in result.files] == ["config.json", "preprocessor_config.json", "pytorch_model.bin"]
+    assert (tmp_path / "pytorch_model.bin").read_bytes() == files["pytorch_model.bin"]
+    assert hub.server.body_bytes(f"/cdn/{sha256_hex(files['tf_model.h5'])}") == 0
+
+
+def test_repo_with_safetensors_and_bin_gets_only_the_safetensors(hub: FakeHub, tmp_path: Path) -> None:
+    files = model_files()
+    hub.add_repo("org/model", files, lfs=LFS)
+    result = download("hf://org/model", tmp_path, include=ModelConfig().llm_include, endpoint=hub.endpoint, **FAST)
+    assert [f.path for f in result.files] == ["config.json", "model-00001-of-00002.safetensors",
+                                              "model-00002-of-00002.safetensors", "tokenizer.model"]
+    assert hub.server.body_bytes(f"/cdn/{sha256_hex(files['pytorch_model.bin'])}") == 0
+
+
+def test_snapshot_without_weights_is_an_error_naming_repo_and_patterns(hub: FakeHub, tmp_path: Path) -> None:
+    hub.add_repo("openai/clip-vit-large-patch14-336", clip_files(), lfs=CLIP_LFS)
+    message = r"'openai/clip-vit-large-patch14-336': no file matches any of '\*.safetensors' or 'pytorch_model\*.bin'"
+    with pytest.raises(NevaError, match=message):
+        download("hf://openai/clip-vit-large-patch14-336", tmp_path / "out", include=ModelConfig().vision_include,
+                 endpoint=hub.endpoint, **FAST)
+    assert not (tmp_path / "out").exists()
+    assert [r.path for r in hub.server.requests] == ["/api/models/openai/clip-vit-large-patch14-336"]
+    local = tmp_path / "clip"
+    local.mkdir()
+    (local / "config.json").write_bytes(b"{}")
+    with pytest.raises(NevaError, match=f"download source {local}: no file matches any of"):
+        download(str(local), tmp_path / "copy", include=ModelConfig().vision_include)
 
 
 def test_hub_rerun_adopts_a_verified_file_whose_record_is_missing(hub: FakeHub, tmp_path: Path) -> None:

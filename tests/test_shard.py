@@ -15,6 +15,7 @@ import tarfile
 import time
 import warnings
 import zipfile
+import zlib
 from pathlib import Path
 
 import pytest
@@ -360,6 +361,26 @@ def test_cli_help_explains_every_option(monkeypatch, capsys):
         assert option in text
 
 
+def test_cli_and_flow_share_one_val_fraction_default(monkeypatch, capsys):
+    import inspect
+
+    from neva_core.config import DatasetConfig
+    from tasks.data import shard_task
+
+    monkeypatch.setattr(cli, "COMMAND_MODULES", ("shard",))
+    with pytest.raises(SystemExit):
+        cli.main(["shard", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "(default: 0.0, as in the flow: every record trains" in help_text
+    defaults = {
+        "library": inspect.signature(shard_dataset).parameters["val_fraction"].default,
+        "task": inspect.signature(shard_task.fn).parameters["val_fraction"].default,
+        "flow config": DatasetConfig().val_fraction,
+    }
+    assert defaults == dict.fromkeys(defaults, 0.0)
+    assert "every record trains" in DatasetConfig.model_fields["val_fraction"].description
+
+
 def test_in_flight_work_is_bounded(tmp_path, monkeypatch):
     """The parent stops reading the JSON while 2 x workers shards are queued."""
     records, images = valid_dataset(30)
@@ -400,6 +421,44 @@ def test_zip_index_reads_zip64_and_prefixed_archives(tmp_path):
     archive_bytes = write_zip(tmp_path / "small.zip", {"a/b.jpg": b"abc"}).read_bytes()
     prefixed.write_bytes(b"#!/bin/sh\nexit 0\n" * 100 + archive_bytes)
     assert ZipReader(str(prefixed)).read(ZipImageSource(prefixed).locate("a/b.jpg"), "a/b.jpg") == b"abc"
+
+
+def damaged_scan_byte(jpeg: bytes) -> bytes:
+    """`jpeg` with one byte of its entropy-coded scan changed: every marker stays valid."""
+    scan = jpeg.index(b"\xff\xda") + 2 + int.from_bytes(jpeg[jpeg.index(b"\xff\xda") + 2:][:2], "big")
+    at = next(i for i in range(scan + 8, len(jpeg) - 2) if jpeg[i - 1] != 0xFF and jpeg[i] not in (0xFF, 0xFE))
+    return jpeg[:at] + bytes([jpeg[at] ^ 0x01]) + jpeg[at + 1:]
+
+
+@pytest.mark.parametrize("method", [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED])
+def test_zip_member_failing_its_crc_is_skipped_not_sharded(tmp_path, method):
+    good, victim = image_bytes(1), image_bytes(2)
+    damaged = damaged_scan_byte(victim)
+    assert check_image(damaged, "b.jpg").data == damaged  # the markers alone cannot tell
+    # The archive holds the damaged body under the CRC-32 of the intact one (local header and directory).
+    zip_path = write_zip(tmp_path / "images.zip", {"a.jpg": good, "b.jpg": damaged}, method)
+    raw = zip_path.read_bytes()
+    damaged_crc, intact_crc = (zlib.crc32(data).to_bytes(4, "little") for data in (damaged, victim))
+    assert raw.count(damaged_crc) == 2
+    zip_path.write_bytes(raw.replace(damaged_crc, intact_crc))
+    json_path = write_json(tmp_path / "data.json", [record("good", "a.jpg"), record("bad", "b.jpg")])
+    result = shard_dataset(json_path, zip_path, tmp_path / "out", workers=1)
+    assert (result.written, result.skipped_by_reason) == (1, {"corrupt_image": 1})
+    assert "CRC-32" in skipped_lines(tmp_path / "out")[0]["detail"]
+    assert all(data != damaged for _, data in tar_members(tmp_path / "out" / "train-000000.tar"))
+
+
+def test_backslashes_in_zip_entries_are_one_error_for_sharding_and_unzip(tmp_path):
+    from neva_core.data.archive import unzip
+
+    zip_path = write_zip(tmp_path / "images.zip", {"dir\\a.jpg": image_bytes(1)})
+    json_path = write_json(tmp_path / "data.json", [record("a", "dir/a.jpg")])
+    message = r"entry 'dir\\\\a.jpg' contains a backslash \(a Windows path separator\); zip entries must use '/'"
+    with pytest.raises(NevaError, match=message):
+        shard_dataset(json_path, zip_path, tmp_path / "out", workers=1)
+    with pytest.raises(NevaError, match=message):
+        unzip(zip_path, tmp_path / "images")
+    assert not (tmp_path / "out" / MANIFEST_NAME).exists() and not (tmp_path / "images").exists()
 
 
 def test_zip_entries_with_other_compression_are_skipped_not_fatal(tmp_path):

@@ -189,15 +189,27 @@ def test_folder_from_another_request_is_refused(neva_fixtures: Fixtures, neva_to
         extend_tokenizer(neva_fixtures.tokenizer_model, neva_tokenizer.out_dir, ["<other>"])
 
 
-def test_unigram_models_are_refused_before_anything_is_written(tmp_path: Path) -> None:
-    model = tmp_path / "unigram.model"
+@pytest.mark.parametrize(("options", "reason"), [
+    ({"model_type": "unigram"}, "is a UNIGRAM model; only LLaMA-style models"),
+    ({"model_type": "bpe", "normalization_rule_name": "nmt_nfkc"}, "normalises text with 'nmt_nfkc'"),
+])
+def test_models_without_matching_hf_files_are_extended_without_them(
+    tmp_path: Path, options: dict[str, str], reason: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    model = tmp_path / "other.model"
     sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(tokenizer_corpus()), model_prefix=str(model.with_suffix("")), model_type="unigram",
-        vocab_size=120, num_threads=1, minloglevel=2,
+        sentence_iterator=iter(tokenizer_corpus()), model_prefix=str(model.with_suffix("")), vocab_size=120,
+        num_threads=1, minloglevel=2, **options,
     )
-    with pytest.raises(NevaError, match="unigram.model is a UNIGRAM model; only LLaMA-style models"):
-        extend_tokenizer(model, tmp_path / "out")
-    assert not (tmp_path / "out").exists()
+    result = extend_tokenizer(model, tmp_path / "out")
+    old = processor(model).vocab_size()
+    assert result.added == {token: old + i for i, token in enumerate(NEVA_SPECIAL_TOKENS)}
+    assert processor(result.tokenizer_model).encode("hello <extra_id_3> world").count(old + 3) == 1
+    assert sorted(p.name for p in result.out_dir.iterdir()) == ["extension.json", "manifest.json", "tokenizer.model"]
+    assert result.hf_files_refused is not None and reason in result.hf_files_refused
+    assert "written without tokenizer.json/tokenizer_config.json" in result.hf_files_refused
+    assert reason in caplog.text
+    assert extend_tokenizer(model, tmp_path / "out").reused
 
 
 def test_failure_while_writing_leaves_no_output(neva_fixtures: Fixtures, tmp_path: Path,
@@ -213,11 +225,17 @@ def test_failure_while_writing_leaves_no_output(neva_fixtures: Fixtures, tmp_pat
     assert list(tmp_path.iterdir()) == []
 
 
-def test_roles_name_the_neva_tokens() -> None:
-    assert set(NEVA_TOKEN_ROLES.values()) == set(NEVA_SPECIAL_TOKENS)
-    assert NEVA_TOKEN_ROLES["image_patch"] == "<extra_id_3>"
-    assert (NEVA_TOKEN_ROLES["image_start"], NEVA_TOKEN_ROLES["image_end"]) == ("<extra_id_4>", "<extra_id_5>")
-    assert (NEVA_TOKEN_ROLES["bos"], NEVA_TOKEN_ROLES["eos"]) == ("<extra_id_6>", "<extra_id_7>")
+def test_extension_records_the_roles_of_its_tokens(neva_fixtures: Fixtures, neva_tokenizer: TokenizerExtension,
+                                                   tmp_path: Path) -> None:
+    record = json.loads((neva_tokenizer.out_dir / "extension.json").read_text())
+    assert record["roles"] == neva_tokenizer.roles == dict(NEVA_TOKEN_ROLES)
+    sp = processor(neva_tokenizer.tokenizer_model)
+    assert sp.piece_to_id(record["roles"]["image_patch"]) == 387  # 384 pieces, then <extra_id_0..7>
+    # Only roles whose token the tokenizer has are recorded.
+    fresh = extend_tokenizer(neva_fixtures.tokenizer_model, tmp_path / "fresh", ["<extra_id_3>", "<image>"])
+    assert fresh.roles == {"image_patch": "<extra_id_3>"}
+    more = extend_tokenizer(neva_tokenizer.tokenizer_model, tmp_path / "more", ["<image>"])
+    assert more.roles == dict(NEVA_TOKEN_ROLES)
 
 
 def test_cli_extend_prints_ids_then_nothing_changed(neva_fixtures: Fixtures, tmp_path: Path,

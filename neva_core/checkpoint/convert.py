@@ -165,23 +165,40 @@ def read_hf_config(hf_dir: Path) -> dict[str, Any]:
         raise NevaError(f"{path} is not valid JSON: {exc}") from exc
 
 
+def tokenizer_vocab_size(tokenizer: Path) -> int:
+    """The number of ids of a tokenizer: a sentencepiece .model, a tokenizer.json, or a folder holding one
+    (an extended tokenizer folder, a model snapshot: its tokenizer.model when present)."""
+    from neva_core.tokenizer import find_tokenizer
+
+    path = Path(tokenizer)
+    if path.is_dir():
+        path = find_tokenizer(path)
+    if not path.is_file():
+        raise NevaError(f"tokenizer {path} does not exist")
+    if path.suffix == ".json":
+        from neva_core.tokenizer_fast import id_count, load_fast_tokenizer
+
+        return id_count(load_fast_tokenizer(path.read_bytes(), path))
+    return sentencepiece_vocab_size(path)
+
+
 def sentencepiece_vocab_size(model_file: Path) -> int:
     """The number of pieces of a sentencepiece model (the extended tokenizer's vocabulary)."""
     import sentencepiece
 
-    if not Path(model_file).is_file():
-        raise NevaError(f"tokenizer {model_file} does not exist")
     try:
         return int(sentencepiece.SentencePieceProcessor(model_file=str(model_file)).get_piece_size())
     except (RuntimeError, OSError) as exc:
         raise NevaError(f"{model_file} is not a sentencepiece model: {exc}") from exc
 
 
-def requested_vocab_size(vocab_size: int | None, tokenizer: Path | None) -> int | None:
+def requested_vocab_size(vocab_size: int | None, tokenizer: Path | None, checkpoint_vocab: int) -> int | None:
+    """The vocabulary to convert to. A tokenizer grows it to its size; one whose ids all fit already keeps the
+    checkpoint's rows (Qwen2 pads its embedding past its tokenizer)."""
     if vocab_size is not None and tokenizer is not None:
         raise NevaError("give either vocab_size (--vocab-size) or tokenizer (--tokenizer), not both")
     if tokenizer is not None:
-        return sentencepiece_vocab_size(Path(tokenizer))
+        return max(tokenizer_vocab_size(Path(tokenizer)), checkpoint_vocab)
     if vocab_size is not None and vocab_size <= 0:
         raise NevaError(f"--vocab-size must be positive, got {vocab_size}")
     return vocab_size
@@ -286,13 +303,15 @@ def convert_hf_checkpoint(
 ) -> NativeCheckpoint:
     """Convert an HF LLaMA/Mistral/Qwen2 checkpoint folder into a native checkpoint at `out_dir`.
 
-    `dtype` (bf16, fp16, fp32) defaults to the checkpoint's own; `vocab_size` or `tokenizer` (a
-    sentencepiece model) grows the vocabulary. An identical finished output is reused, a different one
-    is refused.
+    `dtype` (bf16, fp16, fp32) defaults to the checkpoint's own; `vocab_size` or `tokenizer` (a sentencepiece
+    model, a tokenizer.json or a folder with either) grows the vocabulary. An identical finished output is
+    reused, a different one is refused.
     """
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     hf_config = read_hf_config(hf_dir)
-    config = llm_config_from_hf(hf_config, requested_vocab_size(vocab_size, Path(tokenizer) if tokenizer else None), tp)
+    requested = requested_vocab_size(vocab_size, Path(tokenizer) if tokenizer else None,
+                                     int(hf_config.get("vocab_size") or 0))
+    config = llm_config_from_hf(hf_config, requested, tp)
     source = hf_source(hf_dir)
     with HFCheckpointReader(hf_dir) as reader:
         out_dtype = dtype_name(dtype) if dtype is not None else source_dtype(hf_config, reader)

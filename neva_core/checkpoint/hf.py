@@ -70,8 +70,6 @@ FAMILY_SPECS: Mapping[str, FamilySpec] = {
     "llama": FamilySpec("llama", "LlamaForCausalLM", "llama", LLAMA_STYLE_TENSORS),
     "mistral": FamilySpec("mistral", "MistralForCausalLM", "mistral", LLAMA_STYLE_TENSORS),
     "qwen2": FamilySpec("qwen2", "Qwen2ForCausalLM", "qwen2", LLAMA_STYLE_TENSORS),
-    # Yi ships as plain LlamaForCausalLM; a native checkpoint marked "yi" exports as LLaMA.
-    "yi": FamilySpec("yi", "LlamaForCausalLM", "llama", LLAMA_STYLE_TENSORS),
 }
 ARCHITECTURE_FAMILIES: Mapping[str, str] = {
     "LlamaForCausalLM": "llama",

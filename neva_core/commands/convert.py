@@ -39,8 +39,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--tokenizer",
         type=Path,
         default=None,
-        metavar="FILE",
-        help="an extended sentencepiece model: grow the vocabulary to its size",
+        metavar="PATH",
+        help="an extended tokenizer (its folder, tokenizer.model or tokenizer.json): grow the vocabulary to its "
+             "size; a tokenizer whose ids all fit keeps the checkpoint's vocabulary",
     )
     p.set_defaults(handler=run)
 

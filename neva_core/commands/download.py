@@ -40,7 +40,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("dest", metavar="DEST", help="destination folder (created if missing)")
     p.add_argument("--include", action="append", default=[], metavar="PATTERN",
                    help="snapshot only: keep repo paths matching this fnmatch pattern (e.g. '*.safetensors'); "
-                        "repeatable; without it the whole repo is fetched")
+                        "repeatable; without it the whole repo is fetched. 'A|B' keeps the files of the first "
+                        "alternative that matches any, and fails when none does: '*.safetensors|pytorch_model*.bin' "
+                        "takes the safetensors weights when the repo has them, else the .bin ones")
     p.add_argument("--sha256", metavar="HEX", help="single file only: the expected sha256; a mismatch deletes "
                                                     "the download and fails")
     p.add_argument("--endpoint", metavar="URL", help="Hub endpoint (default: $HF_ENDPOINT or https://huggingface.co)")

@@ -36,7 +36,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help=f"records per shard before rejected images are dropped (default: {DEFAULT_MAXCOUNT})")
     p.add_argument("--val-fraction", type=float, default=DEFAULT_VAL_FRACTION, metavar="F",
                    help="fraction of records for the val split, chosen by a stable hash of the id, "
-                        f"0 <= F < 1 (default: {DEFAULT_VAL_FRACTION})")
+                        f"0 <= F < 1 (default: {DEFAULT_VAL_FRACTION}, as in the flow: every record trains, as in "
+                        "the LLaVA recipes; give e.g. 0.01 for a validation loss)")
     p.add_argument("--split-seed", type=int, default=0, metavar="N",
                    help="salt of the train/val hash: another seed picks another validation set (default: 0)")
     p.set_defaults(handler=run)

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, NamedTuple
 
+from neva_core.data.image_source import check_entry_separators
 from neva_core.errors import NevaError
 from neva_core.io import atomic_dir, remove_stale_temps, write_json_atomic
 
@@ -161,8 +162,7 @@ def format_bytes(count: int) -> str:
 
 def _check_name(name: str) -> None:
     unsafe = "the archive is unsafe; get it from a trusted source"
-    if "\\" in name:
-        raise NevaError(f"entry {name!r} contains a backslash (a Windows path separator); {unsafe}")
+    check_entry_separators(name)
     if name.startswith("/"):
         raise NevaError(f"entry {name!r} has an absolute path; {unsafe}")
     if _DRIVE_LETTER.match(name):

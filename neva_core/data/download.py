@@ -59,6 +59,7 @@ DEFAULT_ENDPOINT = "https://huggingface.co"
 _HUB_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _PROGRESS_EVERY_S = 10.0
+ALTERNATIVES = "|"  # separates the alternatives of one include pattern (see `select_paths`)
 
 
 # ---------------------------------------------------------------------------------------------- sources
@@ -567,16 +568,42 @@ def _select(src: HubSource, names: list[str], include: Sequence[str]) -> list[st
             raise NevaError(f"{_hub_subject(src, src.path)}: no such file in the repo; check the path "
                             f"(the repo has {len(names)} files, e.g. {', '.join(sorted(names)[:5])})")
         return [src.path]
+    return select_paths(names, include, _hub_subject(src))
+
+
+def select_paths(names: Sequence[str], include: Sequence[str], subject: str) -> list[str]:
+    """The files of a snapshot that the include patterns keep (all of them without patterns).
+
+    A plain pattern keeps every file it matches; matching nothing is only a warning. A pattern with
+    alternatives, "A|B", keeps the files of its first alternative that matches any file, and matching
+    none is an error: "*.safetensors|pytorch_model*.bin" fetches a repo's safetensors weights when it has
+    them, else its .bin weights, and a repo with neither fails before anything is fetched.
+    """
     if not include:
         return sorted(names)
+    chosen: set[str] = set()
     for pattern in include:
-        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
-            log.warning("%s: --include %r matches no file", _hub_subject(src), pattern)
-    chosen = sorted(n for n in names if any(fnmatch.fnmatchcase(n, p) for p in include))
+        alternatives = pattern.split(ALTERNATIVES)
+        for alternative in alternatives:
+            matched = {n for n in names if fnmatch.fnmatchcase(n, alternative)}
+            if matched:
+                chosen |= matched
+                break
+        else:
+            if len(alternatives) > 1:
+                raise NevaError(f"{subject}: no file matches any of {' or '.join(repr(a) for a in alternatives)} "
+                                f"(from --include {pattern!r}, which must match); the snapshot has "
+                                f"{_examples(names)}")
+            log.warning("%s: --include %r matches no file", subject, pattern)
     if not chosen:
-        raise NevaError(f"{_hub_subject(src)}: no file matches --include {' '.join(include)}; "
-                        f"the repo has e.g. {', '.join(sorted(names)[:8])}")
-    return chosen
+        raise NevaError(f"{subject}: no file matches --include {' '.join(include)}; "
+                        f"the snapshot has {_examples(names)}")
+    return sorted(chosen)
+
+
+def _examples(names: Sequence[str]) -> str:
+    listed = ", ".join(sorted(names)[:8])
+    return f"{len(names)} files, e.g. {listed}" if names else "no files"
 
 
 @dataclass(frozen=True)
@@ -675,10 +702,9 @@ def _local_plan(src: LocalSource, include: Sequence[str], sha256: str | None) ->
     # A folder that is itself a download destination: its own state and manifest are not content.
     names = sorted(n for n in (p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file())
                    if n != MANIFEST_NAME and not n.startswith(f"{STATE_DIR}/"))
-    if include:
-        names = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in include)]
     if not names:
-        raise NevaError(f"download source {src.path}: no file to copy (check the folder and --include)")
+        raise NevaError(f"download source {src.path}: no file to copy (the folder is empty)")
+    names = select_paths(names, include, f"download source {src.path}")
     files = [_local_remote(path / n, n, None) for n in names]
     return _Plan(files=files, commit=None, manifest={"source": str(path), "include": list(include)})
 

@@ -6,7 +6,10 @@ index and hands each worker only the entry's location, so workers neither re-par
 hold ~600k `ZipInfo` objects each; a worker reads an entry with two `pread` calls on its own handle.
 
 Paths in records are checked lexically before they get here (`records.normalise_image_path`): relative,
-no `..`, so nothing outside the image root is ever named.
+no `..`, so nothing outside the image root is ever named. Zip entry names follow one rule here and in
+`neva unzip`: '/' separates, and a backslash makes the archive an error (`check_entry_separators`). Every
+entry read is checked against its CRC-32 from the central directory, so a damaged body that still looks
+like a JPEG is skipped, never written into a shard.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ _CENTRAL = struct.Struct("<4s6H3L5H2L")
 _CENTRAL_SIG = b"PK\x01\x02"
 # The fields of a central directory record (`_CENTRAL`) that the index and `locate` need:
 _CENTRAL_NAME_FIELDS = struct.Struct("<4s4xH18xHHH12x")  # signature, flags, name/extra/comment lengths
-_CENTRAL_LOCATION = struct.Struct("<8xHH8xLLHH10xL")  # flags, method, sizes, name/extra lengths, offset
+_CENTRAL_LOCATION = struct.Struct("<8xHH4xLLLHH10xL")  # flags, method, crc, sizes, name/extra lengths, offset
 _LOCAL = struct.Struct("<4s5H3L2H")
 _LOCAL_SIG = b"PK\x03\x04"
 _ZIP64_EXTRA_ID = 0x0001
@@ -46,10 +49,19 @@ _ENCRYPTED_FLAG = 0x1
 _STORED, _DEFLATED = 0, 8
 
 
-# Where one zip entry's bytes are, all a worker needs to read it: (local header offset, compressed size,
-# size, compression method, flags). A plain tuple: one goes to a worker per record, and pickling a
-# NamedTuple costs several times more.
-ZipEntryRef = tuple[int, int, int, int, int]
+# Where one zip entry's bytes are, all a worker needs to read and check it: (local header offset, compressed
+# size, size, compression method, flags, CRC-32). A plain tuple: one goes to a worker per record, and
+# pickling a NamedTuple costs several times more.
+ZipEntryRef = tuple[int, int, int, int, int, int]
+
+
+def check_entry_separators(name: str, archive: Path | str | None = None) -> None:
+    """Raise unless the zip entry name uses '/' only: a backslash is a Windows separator that zip tools
+    disagree on (a file name character to some, a folder separator to others), so it is never guessed."""
+    if "\\" in name:
+        where = f"{archive}: " if archive else ""
+        raise NevaError(f"{where}entry {name!r} contains a backslash (a Windows path separator); zip entries must "
+                        "use '/'. Re-create the archive with '/' separators")
 
 
 @dataclass(frozen=True)
@@ -88,14 +100,14 @@ class ZipImageSource:
         record = self._records.get(relative)
         if record is None:
             return None
-        flags, method, compressed, size, name_len, extra_len, offset = _CENTRAL_LOCATION.unpack_from(
+        flags, method, crc, compressed, size, name_len, extra_len, offset = _CENTRAL_LOCATION.unpack_from(
             self._directory.data, record
         )
         if _ZIP64_PLACEHOLDER in (size, compressed, offset):
             extra_start = record + _CENTRAL.size + name_len
             extra = memoryview(self._directory.data)[extra_start : extra_start + extra_len]
             size, compressed, offset = _apply_zip64(extra, size, compressed, offset)
-        return offset + self._directory.shift, compressed, size, method, flags
+        return offset + self._directory.shift, compressed, size, method, flags, crc
 
     @property
     def reader_spec(self) -> ReaderSpec:
@@ -117,8 +129,9 @@ class ZipImageSource:
                 )
             name_start = pos + _CENTRAL.size
             name = data[name_start : name_start + name_len].decode("utf-8" if flags & _UTF8_FLAG else "cp437")
+            check_entry_separators(name, self.path)
             if not name.endswith("/"):  # names ending in "/" are folder entries
-                records[name.replace("\\", "/")] = pos
+                records[name] = pos
             pos = name_start + name_len + extra_len + comment_len
 
 
@@ -170,7 +183,7 @@ class ZipReader:
     def read(self, ref: ZipEntryRef | None, name: str) -> bytes:
         if ref is None:
             raise ImageRejected(MISSING_IMAGE, f"{name} is not in {self.path}")
-        header_offset, compressed_size, size, method, flags = ref
+        header_offset, compressed_size, size, method, flags, crc = ref
         if flags & _ENCRYPTED_FLAG:
             raise ImageRejected(UNREADABLE_IMAGE, f"{name} is encrypted in {self.path}")
         if method not in (_STORED, _DEFLATED):
@@ -184,6 +197,9 @@ class ZipReader:
         data = raw if method == _STORED else _inflate(raw, size, name)
         if len(data) != size:
             raise ImageRejected(CORRUPT_IMAGE, f"{name}: the zip entry has {len(data)} bytes, expected {size}")
+        if zlib.crc32(data) != crc:
+            raise ImageRejected(CORRUPT_IMAGE, f"{name}: the bytes in {self.path} fail the entry's CRC-32 check "
+                                               "(damaged archive; re-download it)")
         return data
 
     def _data_offset(self, header_offset: int, name: str) -> int:

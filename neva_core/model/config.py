@@ -12,7 +12,9 @@ from typing import Any
 from neva_core.errors import NevaError
 
 VOCAB_DIVISIBLE_BY = 128
-FAMILIES = ("llama", "mistral", "qwen2", "yi")
+# Yi checkpoints say LlamaForCausalLM (model_type "llama") and are LLaMA in every tensor: they convert, run
+# and export as "llama"; no field of their config tells them apart, so there is no separate family.
+FAMILIES = ("llama", "mistral", "qwen2")
 
 
 def padded_vocab_size(vocab_size: int, tp: int, divisible_by: int = VOCAB_DIVISIBLE_BY) -> int:
