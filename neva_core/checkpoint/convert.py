@@ -29,7 +29,7 @@ from neva_core.checkpoint.hf import (
     tensor_recipe,
     to_native,
 )
-from neva_core.checkpoint.layout import NativeCheckpoint, Provenance, reuse_existing, save_native
+from neva_core.checkpoint.layout import NativeCheckpoint, Provenance, save_native
 from neva_core.checkpoint.partition import Split, split_kind, tensor_names
 from neva_core.checkpoint.safetensors_stream import SafetensorsReader, TensorSpec
 from neva_core.errors import NevaError
@@ -287,8 +287,8 @@ def convert_hf_checkpoint(
     """Convert an HF LLaMA/Mistral/Qwen2 checkpoint folder into a native checkpoint at `out_dir`.
 
     `dtype` (bf16, fp16, fp32) defaults to the checkpoint's own; `vocab_size` or `tokenizer` (a
-    sentencepiece model) grows the vocabulary. An identical finished output is reused, a different one
-    is refused.
+    sentencepiece model) grows the vocabulary. An identical finished output is reused; one of other
+    settings or another source is replaced once the new one is complete.
     """
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     hf_config = read_hf_config(hf_dir)
@@ -297,9 +297,6 @@ def convert_hf_checkpoint(
     with HFCheckpointReader(hf_dir) as reader:
         out_dtype = dtype_name(dtype) if dtype is not None else source_dtype(hf_config, reader)
         wanted = {"source.fingerprint": source["fingerprint"], "tp": tp, "dtype": out_dtype, "vocab.real": config.vocab_size}
-        existing = reuse_existing(out_dir, wanted)
-        if existing is not None:
-            return existing
         source_vocab = int(hf_config["vocab_size"])
         check_hf_tensors(reader, config, source_vocab)
         provenance = Provenance(
@@ -316,4 +313,5 @@ def convert_hf_checkpoint(
             dtype=out_dtype,
             provenance=provenance,
             tensors=native_tensors(reader.read, config, DTYPES[out_dtype]),
+            wanted=wanted,
         )
