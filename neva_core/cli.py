@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "repartition",
     "export",
     "demo",
+    "run",
 )
 
 

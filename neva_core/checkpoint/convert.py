@@ -165,6 +165,15 @@ def read_hf_config(hf_dir: Path) -> dict[str, Any]:
         raise NevaError(f"{path} is not valid JSON: {exc}") from exc
 
 
+def check_tensor_parallel(hf_dir: Path, tp: int) -> None:
+    """Refuse, naming every factor, a TP size that the HF checkpoint in `hf_dir` cannot be split into,
+    before any stage spends time on it."""
+    try:
+        llm_config_from_hf(read_hf_config(hf_dir), None, tp)
+    except NevaError as exc:
+        raise NevaError(f"model.tp={tp} does not fit {hf_dir}: {exc}") from exc
+
+
 def sentencepiece_vocab_size(model_file: Path) -> int:
     """The number of pieces of a sentencepiece model (the extended tokenizer's vocabulary)."""
     import sentencepiece
