@@ -92,13 +92,13 @@ def prepare_checkpoints(model: ModelConfig, llm_download: Any, vision_download: 
         source_tokenizer, output_folder(model_root, "tokenizer", model=source_tokenizer, tokens=model.special_tokens),
         model.special_tokens)
     tokenizer_model = Path(tokenizer["tokenizer_model"])
-    label = f"native-{model.dtype or 'source-dtype'}"
+    # Labels name the stage, not its parameters (the digest does), so old outputs of a stage are pruned.
     native = convert_task(
-        llm_dir, output_folder(model_root, f"{label}-tp1", hf=llm_dir, tokenizer=tokenizer_model, dtype=model.dtype),
+        llm_dir, output_folder(model_root, "native-tp1", hf=llm_dir, tokenizer=tokenizer_model, dtype=model.dtype),
         tokenizer=tokenizer_model, dtype=model.dtype)
     intermediate = []
     if model.tp > 1:
         intermediate.append(native["path"])
         tp1 = Path(native["path"])
-        native = repartition_task(tp1, output_folder(model_root, f"{label}-tp{model.tp}", native=tp1), model.tp)
+        native = repartition_task(tp1, output_folder(model_root, "native-tpn", native=tp1, tp=model.tp), model.tp)
     return {"tokenizer": tokenizer, "llm": native, "vision": vision_download.result(), "intermediate": intermediate}

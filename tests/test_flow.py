@@ -23,7 +23,8 @@ from neva_core.cli import main
 from neva_core.config import DatasetConfig, ModelConfig, PipelineConfig
 from neva_core.data.shards import read_shard_manifest
 from neva_core.errors import NevaError, TransientError
-from neva_core.fixtures import Fixtures
+from download_support import FakeHub, FakeServer, isolate_hub_client
+from neva_core.fixtures import Fixtures, load_fixtures
 from tasks.caching import retry_transient
 from tasks.data import shard_task
 
@@ -93,7 +94,7 @@ def test_flow_produces_every_stage_output(first_run: tuple[PipelineConfig, dict]
     assert result["tokenizer"]["vocab_size"] == 392
     native = Path(result["llm"]["path"])
     assert native.parent == config.workdir / "checkpoints" / "tiny-llama"
-    assert native.name.startswith("native-fp32-tp2-")
+    assert native.name.startswith("native-tpn-")
     llm_config, meta = read_native_config(native)
     assert (meta["tp"], llm_config.vocab_size, llm_config.padded_vocab_size) == (2, 392, 512)
     rank1 = load_native_rank(native, 1)
@@ -125,21 +126,28 @@ def test_changed_parameters_in_the_same_workdir_recompute_and_keep_the_old_outpu
     config, before = first_run
     before_shards = read_shard_manifest(before["shards"]["out_dir"], deep=True)
     dataset = config.dataset.model_copy(update={"maxcount": 8, "unzip": True})
-    model = config.model.model_copy(update={"special_tokens": (*config.model.special_tokens, "<extra_id_8>")})
+    model = config.model.model_copy(update={"special_tokens": (*config.model.special_tokens, "<extra_id_8>"),
+                                            "dtype": "bf16"})
     changed = config.model_copy(update={"dataset": dataset, "model": model})
     after, states = run_flow(changed)
-    assert {name: states[name] for name in ("shard", "unzip", "extend-tokenizer", "convert", "repartition")} == {
-        name: "Completed" for name in ("shard", "unzip", "extend-tokenizer", "convert", "repartition")}
+    stages = ("shard", "unzip", "extend-tokenizer", "convert", "repartition")
+    assert {name: states[name] for name in stages} == {name: "Completed" for name in stages}
     assert read_shard_manifest(after["shards"]["out_dir"])["params"]["maxcount"] == 8
-    assert after["tokenizer"]["vocab_size"] == 393 and read_native_config(after["llm"]["path"])[0].vocab_size == 393
-    assert len(list(Path(after["shards"]["out_dir"]).parent.parent.glob("images/fixture-*/**/*.jpg"))) >= 64
+    assert after["tokenizer"]["vocab_size"] == 393
+    llm_config, meta = read_native_config(after["llm"]["path"])
+    assert (llm_config.vocab_size, meta["dtype"]) == (393, "bf16")
+    assert len(list((config.workdir / "images").glob("fixture-*/**/*.jpg"))) >= 64
     # The first run's outputs are untouched: what its result points at is still whole and the same.
     assert read_shard_manifest(before["shards"]["out_dir"], deep=True) == before_shards
     verify_native(before["llm"]["path"])
     assert read_native_config(before["llm"]["path"])[0].vocab_size == 392
-    # Back to the first parameters: served from the cache, since those outputs were kept.
-    _, states = run_flow(config)
+    # Back to the first parameters: served from the cache, since those outputs were kept; keeping one
+    # output per stage then removes the other run's.
+    _, states = run_flow(config.model_copy(update={"keep_outputs": 1}))
     assert states["shard"] == states["convert"] == "Cached"
+    assert [p.name for p in (config.workdir / "shards").iterdir() if not p.name.startswith(".")] == [
+        Path(before["shards"]["out_dir"]).name]
+    assert not Path(after["llm"]["path"]).exists() and not Path(after["tokenizer"]["out_dir"]).exists()
 
 
 def test_concurrent_runs_of_one_config_build_each_output_once_under_the_runs_cwd(
@@ -169,6 +177,51 @@ def test_concurrent_runs_of_one_config_build_each_output_once_under_the_runs_cwd
     (unzipped,) = [p for p in (tmp_path / "work" / "images").iterdir() if not p.name.startswith(".")]
     # Each stage built once: the other run waited on the output's lock and reused it, or hit the cache.
     assert published == {str(shards): 1, str(unzipped): 1}
+
+
+def test_offline_rerun_and_a_new_llm_revision(
+    neva_fixtures: Fixtures, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    isolate_hub_client(monkeypatch)
+    files = {p.relative_to(neva_fixtures.llm_dir).as_posix(): p.read_bytes()
+             for p in neva_fixtures.llm_dir.rglob("*") if p.is_file()}
+    with FakeServer() as server:
+        hub = FakeHub(server)
+        repo = hub.add_repo("org/tiny-llama", files, lfs={"model.safetensors", "tokenizer.model"})
+        first_commit = repo.branches["main"]
+        weights = bytearray(files["model.safetensors"])
+        weights[-1] ^= 0x01  # other weights, same layout: a new revision of the model
+        second_commit = hub.commit(repo, {**files, "model.safetensors": bytes(weights)})
+        config = pipeline_config(neva_fixtures, tmp_path / "work")
+        model = config.model.model_copy(update={"llm_source": f"hf://org/tiny-llama@{first_commit}"})
+        config = config.model_copy(update={"model": model, "hf_endpoint": hub.endpoint})
+        online, _ = run_flow(config)
+        assert read_native_config(online["llm"]["path"])[1]["source"]["commit"] == first_commit
+
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        requests = len(server.requests)
+        offline, states = run_flow(config)
+        assert set(states.values()) == {"Cached"} and offline == online
+        assert len(server.requests) == requests  # the cache keys came from the recorded commit
+        monkeypatch.delenv("HF_HUB_OFFLINE")
+
+        model = model.model_copy(update={"llm_source": f"hf://org/tiny-llama@{second_commit}"})
+        newer, states = run_flow(config.model_copy(update={"model": model}))
+    assert states["convert"] == states["repartition"] == "Completed"
+    assert read_native_config(newer["llm"]["path"])[1]["source"]["commit"] == second_commit
+    assert newer["llm"]["manifest_sha256"] != online["llm"]["manifest_sha256"]
+    verify_native(online["llm"]["path"])  # the first revision's checkpoint is still whole
+
+
+def test_demo_with_other_images_against_an_existing_demo_folder(
+    neva_fixtures: Fixtures, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    earlier = tmp_path / "demo" / "fixtures" / "seed0-images64"  # what `neva demo --images 64` left there
+    shutil.copytree(neva_fixtures.root, earlier)
+    assert main(["demo", "--workdir", str(tmp_path / "demo"), "--images", "16", "--tp", "1"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert read_shard_manifest(result["shards"]["out_dir"])["records"] == 16
+    assert load_fixtures(earlier).pretrain_json.is_file()
 
 
 def test_run_command_names_the_bad_keys(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
