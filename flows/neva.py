@@ -62,9 +62,9 @@ def neva(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:
     outputs.append(Path(shards["out_dir"]))
     result: dict[str, Any] = {"shards": shards}
     if config.model is not None and model_downloads is not None:
-        result.update(prepare_checkpoints(config.model, *model_downloads))
-        outputs += [Path(result["tokenizer"]["out_dir"]), Path(result["llm"]["path"]), Path(result["vision"]["dest"])]
-        outputs += [Path(path) for path in result.pop("intermediate")]
+        checkpoints, used = prepare_checkpoints(config.model, *model_downloads)
+        result.update(checkpoints)
+        outputs += used
     for output in outputs:
         prune_outputs(output, config.keep_outputs)
     return result
@@ -82,8 +82,12 @@ def start_model_downloads(model: ModelConfig, workdir: Path, hub: dict[str, Any]
     return llm, vision
 
 
-def prepare_checkpoints(model: ModelConfig, llm_download: Any, vision_download: Any) -> dict[str, Any]:
-    """Tokenizer → native checkpoint (vocab grown to the extended tokenizer) → the training TP size."""
+def prepare_checkpoints(
+    model: ModelConfig, llm_download: Any, vision_download: Any
+) -> tuple[dict[str, Any], list[Path]]:
+    """Tokenizer → native checkpoint (vocab grown to the extended tokenizer) → the training TP size.
+
+    Returns the results and every output folder they used (downloads and intermediates included)."""
     llm_dir = Path(llm_download.result()["dest"])
     check_tensor_parallel(llm_dir, model.tp)  # before any conversion: a bad TP size fails in seconds
     model_root = llm_dir.parent
@@ -96,9 +100,10 @@ def prepare_checkpoints(model: ModelConfig, llm_download: Any, vision_download: 
     native = convert_task(
         llm_dir, output_folder(model_root, "native-tp1", hf=llm_dir, tokenizer=tokenizer_model, dtype=model.dtype),
         tokenizer=tokenizer_model, dtype=model.dtype)
-    intermediate = []
+    vision = vision_download.result()
+    used = [llm_dir, Path(vision["dest"]), Path(tokenizer["out_dir"]), Path(native["path"])]
     if model.tp > 1:
-        intermediate.append(native["path"])
         tp1 = Path(native["path"])
         native = repartition_task(tp1, output_folder(model_root, "native-tpn", native=tp1, tp=model.tp), model.tp)
-    return {"tokenizer": tokenizer, "llm": native, "vision": vision_download.result(), "intermediate": intermediate}
+        used.append(Path(native["path"]))
+    return {"tokenizer": tokenizer, "llm": native, "vision": vision}, used
