@@ -1,6 +1,6 @@
 """Webdataset shards from a LLaVA-style JSON list and its images (zip or folder): validate, write, resume.
 
-Output folder:
+Output folder (written as a temporary sibling, see `io.commit_output`, renamed when complete):
 
     train-000000.tar ...  val-000000.tar ...     sample = {key}.json (+ {key}.jpg or {key}.png)
     <shard>.tar.idx, .nv-meta/                    megatron-energon metadata (`neva_core.data.energon`)
@@ -18,8 +18,10 @@ on the inputs and parameters, never on the number of workers or on scheduling, a
 
 Resume: a shard counts as done when its completion record exists (for the same batch of records) and
 its tar has the recorded size; the record is written only after the tar is fsynced and renamed, so a
-SIGKILL at any moment costs at most the shards in flight. Rerunning into a folder made from other inputs
-or parameters is refused, and a lock keeps two runs out of one folder.
+SIGKILL at any moment costs at most the shards in flight: the next run adopts the killed run's temporary
+folder (this host's, its writer dead) and keeps what matches its own inputs and parameters. A finished
+folder from other inputs or parameters is rebuilt beside it and then replaced; the output's lock makes a
+second run wait, then reuse the first one's result.
 
 Work split: the parent streams the JSON, validates records (structure, duplicates), assigns splits and
 hands shard-sized batches to a pool of spawned worker processes (at most 2 per worker queued, so memory
