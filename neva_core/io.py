@@ -181,13 +181,15 @@ def commit_output(
                 return found
             log.info("%s holds an output of other inputs or parameters; building the new one beside it", dest)
         tmp = temp_name(dest)
-        abandoned = next(_abandoned_temps(dest.parent, dest.name), None) if resume else None
-        if abandoned is not None:
-            log.info("resuming from %s, left by an interrupted run", abandoned)
-            os.rename(abandoned, tmp)
+        abandoned = list(_abandoned_temps(dest.parent, dest.name))
+        if resume and abandoned:
+            log.info("resuming from %s, left by an interrupted run", abandoned[0])
+            os.rename(abandoned.pop(0), tmp)
         else:
             tmp.mkdir()
-        remove_stale_temps(dest.parent, dest.name)
+        for entry in abandoned:
+            log.info("removing %s, left by an interrupted run", entry)
+            _remove(entry)
         try:
             result = build(tmp)
             _publish(tmp, dest)
