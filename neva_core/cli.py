@@ -24,6 +24,7 @@ COMMAND_MODULES = (
     "export",
     "demo",
     "eval",
+    "run",
 )
 
 
