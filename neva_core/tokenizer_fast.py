@@ -84,6 +84,7 @@ def extend_fast_tokenizer(
 
 def _write_extension(tokenizer_json: Path, sources: dict[str, bytes], source_sha256: str, request: dict[str, Any],
                      tmp: Path, out_dir: Path) -> TokenizerExtension:
+    tokens = request["tokens"]
     base = load_fast_tokenizer(sources[HF_TOKENIZER_FILE], tokenizer_json)
     old_vocab_size = id_count(base)
     stand_ins, family = role_stand_ins(base, tokens)
