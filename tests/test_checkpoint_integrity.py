@@ -52,9 +52,23 @@ def test_flipped_byte_is_refused_everywhere(native: Path, tmp_path: Path):
     # The last tensor of a tied model's rank file is the replicated final norm: without the checksum the
     # damage would surface as "rank 1 differs from rank 0"; the error must name the real cause.
     flip_byte(native / RANK1)
-    _all_readers_refuse(native, tmp_path, f"{RANK1} does not match its sha256 in the manifest")
+    _all_readers_refuse(native, tmp_path, f"{RANK1} does not match its blake3 in the manifest")
     verify_native(native, deep=False)  # the cheap check (sizes, headers) cannot see a flipped data byte
     load_native_rank(native, 0)  # the undamaged rank still loads
+
+
+def test_sha256_manifest_of_older_versions_still_verifies(native: Path, tmp_path: Path):
+    from neva_core.io import sha256_file
+
+    manifest = json.loads((native / "manifest.json").read_text())
+    assert all("blake3" in entry for entry in manifest["files"].values())
+    manifest["files"] = {name: {"bytes": entry["bytes"], "sha256": sha256_file(native / name)}
+                         for name, entry in manifest["files"].items()}
+    (native / "manifest.json").write_text(json.dumps(manifest))
+    verify_native(native, deep=True)
+    assert load_native_rank(native, 1).keys() == load_native_rank(native, 0).keys()
+    flip_byte(native / RANK1)
+    _all_readers_refuse(native, tmp_path, f"{RANK1} does not match its sha256 in the manifest")
 
 
 def test_truncated_file_is_refused_even_by_the_cheap_check(native: Path, tmp_path: Path):
@@ -143,12 +157,12 @@ def test_streaming_writer_output_loads_with_official_library(tmp_path: Path):
             writer.write(name, tensor)
     official = load_file(tmp_path / "x.safetensors")
     assert all(torch.equal(official[n], tensors[n]) for n in tensors) and official.keys() == tensors.keys()
-    with SafetensorsReader(tmp_path / "x.safetensors", track_hash=True) as reader:
+    with SafetensorsReader(tmp_path / "x.safetensors", hash_name="blake3") as reader:
         assert reader.metadata == {"format": "pt"}
         assert torch.equal(reader.read("b"), tensors["b"])  # out of order: the hash still covers every byte
-        from neva_core.io import sha256_file
+        from neva_core.io import hash_file
 
-        assert reader.sha256() == sha256_file(tmp_path / "x.safetensors")
+        assert reader.digest() == hash_file(tmp_path / "x.safetensors", "blake3")
 
 
 def test_streaming_writer_enforces_its_plan(tmp_path: Path):

@@ -2,7 +2,7 @@
 
     <dir>/config.json                          architecture (LLMConfig), tp, dtype, vocab sizes, provenance
     <dir>/model-tp00-of-04.safetensors ...     rank r's tensors under Megatron-core names, rank layout
-    <dir>/manifest.json                        every file's size and sha256; written last
+    <dir>/manifest.json                        every file's size and hash (blake3; sha256 in older ones); last
 
 Writers stream (`save_native` consumes full tensors one at a time and splits each into every rank file
 at once); readers verify the manifest. See docs/checkpoint-format.md.
@@ -34,7 +34,9 @@ from neva_core.checkpoint.safetensors_stream import (
 from neva_core.errors import NevaError
 from neva_core.io import (
     MANIFEST_NAME,
+    OUTPUT_HASH,
     commit_output,
+    entry_hash,
     file_entry,
     read_manifest,
     sha256_file,
@@ -119,7 +121,7 @@ def save_native(
         configure_allocator_for_streaming()
         files = _write_rank_files(tmp, config, tp, dtype, tensors)
         write_json_atomic(tmp / CONFIG_NAME, _config_document(config, tp, dtype, provenance, list(files)))
-        files[CONFIG_NAME] = file_entry(tmp / CONFIG_NAME)
+        files[CONFIG_NAME] = file_entry(tmp / CONFIG_NAME, OUTPUT_HASH)
         write_manifest(tmp, {"format": FORMAT, "format_version": FORMAT_VERSION, "files": files})
 
     commit_output(out_dir, reuse=lambda found: reuse_existing(found, wanted), build=build)
@@ -205,7 +207,7 @@ def _read_native_manifest(folder: Path) -> dict[str, Any]:
 
 
 def verify_native(folder: Path | str, deep: bool = True) -> None:
-    """Check a native checkpoint against its manifest: sizes, tensor names/shapes, and sha256 when `deep`.
+    """Check a native checkpoint against its manifest: sizes, tensor names/shapes, and hashes when `deep`.
 
     The cheap mode (deep=False) reads only headers and file sizes; it is the cache-hit check.
     """
@@ -236,9 +238,9 @@ def _check_rank_header(reader: SafetensorsReader, config: LLMConfig, tp: int, dt
             )
 
 
-def _hash_mismatch(path: Path, folder: Path) -> NevaError:
+def _hash_mismatch(path: Path, folder: Path, hash_name: str) -> NevaError:
     return NevaError(
-        f"{path} does not match its sha256 in the manifest: the file is damaged; "
+        f"{path} does not match its {hash_name} in the manifest: the file is damaged; "
         f"delete {folder} and run the stage again"
     )
 
@@ -246,7 +248,7 @@ def _hash_mismatch(path: Path, folder: Path) -> NevaError:
 def load_native_rank(folder: Path | str, rank: int, verify: bool = True, deep: bool = True) -> dict[str, torch.Tensor]:
     """Rank `rank`'s tensors under native names, ready for `NevaLLM.load_state_dict`.
 
-    With `verify`, the manifest is checked (sizes and headers first; with `deep` also the file's sha256,
+    With `verify`, the manifest is checked (sizes and headers first; with `deep` also the file's hash,
     computed while reading) and nothing is returned from a damaged file.
     """
     folder = Path(folder)
@@ -257,10 +259,11 @@ def load_native_rank(folder: Path | str, rank: int, verify: bool = True, deep: b
     path = folder / rank_file_name(rank, tp)
     if verify:
         verify_native(folder, deep=False)
-    with SafetensorsReader(path, track_hash=True) as reader:
+    hash_name, digest = entry_hash(_read_native_manifest(folder)["files"][path.name])
+    with SafetensorsReader(path, hash_name=hash_name if verify and deep else None) as reader:
         tensors = {name: reader.read(name) for name in reader.names()}
-        if verify and deep and reader.sha256() != _read_native_manifest(folder)["files"][path.name]["sha256"]:
-            raise _hash_mismatch(path, folder)
+        if verify and deep and reader.digest() != digest:
+            raise _hash_mismatch(path, folder, hash_name)
     return tensors
 
 
@@ -282,7 +285,7 @@ def describe_native(folder: Path | str) -> NativeCheckpoint:
 class NativeReader:
     """Stream a native checkpoint's canonical full tensors, merged from every rank file.
 
-    Sizes and headers are verified on open; the sha256 of each rank file is computed while its tensors
+    Sizes and headers are verified on open; the hash of each rank file is computed while its tensors
     are read (in file order) and compared with the manifest after the last tensor, before the consumer
     publishes anything, so the data is read once, not twice.
     """
@@ -295,7 +298,8 @@ class NativeReader:
         self._manifest = _read_native_manifest(self.folder)
         self._deep = deep
         self._readers = [
-            SafetensorsReader(self.folder / rank_file_name(r, self.tp), track_hash=deep) for r in range(self.tp)
+            SafetensorsReader(self.folder / name, hash_name=entry_hash(self._manifest["files"][name])[0] if deep else None)
+            for name in (rank_file_name(r, self.tp) for r in range(self.tp))
         ]
 
     @property
@@ -328,8 +332,9 @@ class NativeReader:
         if not self._deep:
             return
         for reader in self._readers:
-            if reader.sha256() != self._manifest["files"][reader.path.name]["sha256"]:
-                raise _hash_mismatch(reader.path, self.folder)
+            hash_name, digest = entry_hash(self._manifest["files"][reader.path.name])
+            if reader.digest() != digest:
+                raise _hash_mismatch(reader.path, self.folder, hash_name)
 
     def close(self) -> None:
         for reader in self._readers:

@@ -123,6 +123,8 @@ def split_tensor(name: str, full: torch.Tensor, config: LLMConfig, tp: int) -> l
     kind = split_kind(name, config)
     if kind is Split.VOCAB:
         return _split_vocab(full, padded_vocab_size(config.vocab_size, tp) // tp, tp)
+    if tp == 1:
+        return [full.contiguous()]  # the one shard is the full tensor: copying it would double the work
     if kind is Split.QKV:
         shards = _split_groups(full, config, tp)
     elif kind is Split.GATE_UP:
@@ -132,9 +134,16 @@ def split_tensor(name: str, full: torch.Tensor, config: LLMConfig, tp: int) -> l
         shards = full.chunk(tp, dim=1)
     else:
         shards = [full] * tp
-    # Clones: a shard must not keep the full tensor alive or share storage with its siblings
-    # (safetensors refuses shared storage, and callers free the full tensor right after).
-    return [shard.clone(memory_format=torch.contiguous_format) for shard in shards]
+    return [_owned(shard, full) for shard in shards]
+
+
+def _owned(shard: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    # A shard must not keep the full tensor alive or share storage with its siblings (safetensors refuses
+    # shared storage, and callers free the full tensor right after): views are cloned, fresh tensors
+    # (torch.cat's) are not copied a second time.
+    if shard.untyped_storage().data_ptr() == full.untyped_storage().data_ptr():
+        return shard.clone(memory_format=torch.contiguous_format)
+    return shard
 
 
 def merge_tensor(name: str, shards: Sequence[torch.Tensor], config: LLMConfig) -> torch.Tensor:

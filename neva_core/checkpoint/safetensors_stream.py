@@ -3,13 +3,13 @@
 A safetensors file is an 8-byte little-endian header length, a JSON header giving every tensor's dtype,
 shape and byte range, then the raw bytes. The header must come first, so `StreamingWriter` takes the
 full plan (names, dtypes, shapes) up front, writes the header, then appends each tensor's bytes in plan
-order as soon as the caller has formed it, hashing as it goes. Nothing but the current tensor is ever
+order as soon as the caller has formed it, hashing as it goes (`io.OUTPUT_HASH`). Nothing but the current tensor is ever
 held. The result loads with the official `safetensors` library.
 
 `SafetensorsReader` reads tensors with `os.preadv` into fresh buffers instead of memory-mapping the file:
 touched pages of a mapping stay in the process's RSS for as long as the file is mapped, so a mapped
-13 GB checkpoint would grow RSS to 13 GB. It also hashes the bytes it reads in file order, so a caller
-that reads every tensor in order gets the file's sha256 for free (`sha256()` reads any remainder).
+13 GB checkpoint would grow RSS to 13 GB. It can also hash the bytes it reads in file order, so a caller
+that reads every tensor in order gets the file's digest for free (`digest()` reads any remainder).
 
 Both hash (and the writer writes) on a helper thread (`OneBehind`), and the stages run their tensor
 producer one tensor ahead on another (`prefetched`), so reading, copying, hashing and writing overlap.
@@ -19,7 +19,6 @@ producer one tensor ahead on another (`prefetched`), so reading, copying, hashin
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import json
 import os
 import queue
@@ -35,6 +34,7 @@ from typing import Any, TypeVar
 import torch
 
 from neva_core.errors import NevaError
+from neva_core.io import OUTPUT_HASH, new_hasher
 
 T = TypeVar("T")
 
@@ -134,11 +134,13 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
 class StreamingWriter:
     """Write one safetensors file whose header is fixed up front; tensors are appended in plan order."""
 
-    def __init__(self, path: Path, specs: Iterable[TensorSpec], metadata: Mapping[str, str] | None = None):
+    def __init__(self, path: Path, specs: Iterable[TensorSpec], metadata: Mapping[str, str] | None = None,
+                 hash_name: str = OUTPUT_HASH):
         self.path = Path(path)
         self._specs = list(specs)
         self._next = 0
-        self._digest = hashlib.sha256()
+        self._hash_name = hash_name
+        self._digest = new_hasher(hash_name)
         self._size = 0
         self._file = open(self.path, "xb")  # noqa: SIM115 - closed by close()/abort()
         self._io = OneBehind("neva-write")
@@ -191,7 +193,7 @@ class StreamingWriter:
         os.posix_fadvise(self._file.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
         self._file.close()
         self._io.close()
-        return {"bytes": self._size, "sha256": self._digest.hexdigest()}
+        return {"bytes": self._size, self._hash_name: self._digest.hexdigest()}
 
     def abort(self) -> None:
         self._io.close()
@@ -217,11 +219,12 @@ class StoredTensor:
 class SafetensorsReader:
     """Read tensors of one safetensors file by plain reads.
 
-    With `track_hash`, the bytes read in file order are hashed on the way, so that `sha256()` after
-    reading every tensor in order costs nothing extra; reads out of order make it read the skipped bytes.
+    With `hash_name` ("sha256", "blake3"), the bytes read in file order are hashed on the way, so that
+    `digest()` after reading every tensor in order costs nothing extra; reads out of order make it read the
+    skipped bytes.
     """
 
-    def __init__(self, path: Path | str, *, track_hash: bool = False):
+    def __init__(self, path: Path | str, *, hash_name: str | None = None):
         self.path = Path(path)
         try:
             self._fd = os.open(self.path, os.O_RDONLY)
@@ -233,8 +236,8 @@ class SafetensorsReader:
         except BaseException:
             os.close(self._fd)
             raise
-        self._digest = hashlib.sha256() if track_hash else None
-        self._hasher = OneBehind("neva-sha256")
+        self._digest = new_hasher(hash_name) if hash_name else None
+        self._hasher = OneBehind("neva-hash")
         self._hashed_upto = 0
 
     def _invalid(self, why: str) -> NevaError:
@@ -318,10 +321,10 @@ class SafetensorsReader:
             self._hasher.submit(self._digest.update, chunk)
             self._hashed_upto += len(chunk)
 
-    def sha256(self) -> str:
-        """sha256 of the whole file; cheap when every tensor was read in file order."""
+    def digest(self) -> str:
+        """The hex digest of the whole file; cheap when every tensor was read in file order."""
         if self._digest is None:
-            raise NevaError(f"{self.path} was opened without hash tracking; use neva_core.io.sha256_file")
+            raise NevaError(f"{self.path} was opened without a hash_name; use neva_core.io.hash_file")
         self._hash_gap(self.file_size)
         self._hasher.wait()
         return self._digest.hexdigest()
