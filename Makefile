@@ -7,7 +7,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH ?= torch==2.13.0
 # `make bench` runs every benchmark in bench/ at the sizes the README's figures use; each prints one JSON
-# line. Smaller runs: make bench BENCH_SHARD_ARGS="--images 2000" BENCH_CONVERT_ARGS="--quick".
+# line. Smaller runs: make bench BENCH_SHARD_ARGS="--images 2000"; the 7B conversion (~45 GB of disk):
+# make bench BENCH_CONVERT_ARGS="--model 7b".
 BENCH_SHARD_ARGS ?=
 BENCH_CONVERT_ARGS ?=
 

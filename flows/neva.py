@@ -20,7 +20,7 @@ from prefect import flow
 
 from neva_core.checkpoint.convert import check_tensor_parallel
 from neva_core.config import AUTO_TOKENIZER, ModelConfig, PipelineConfig
-from neva_core.data.download import HubSource, parse_source
+from neva_core.data.download_sources import HubSource, parse_source
 from neva_core.fingerprint import output_folder
 from neva_core.io import prune_outputs
 from tasks.checkpoint import convert_task, extend_tokenizer_task, repartition_task

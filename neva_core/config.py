@@ -11,9 +11,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from neva_core.data.download import ALTERNATIVES as WEIGHTS_OR
-from neva_core.data.download import parse_source
-from neva_core.data.shards import DEFAULT_VAL_FRACTION
+from neva_core.data.download_plans import ALTERNATIVES as WEIGHTS_OR
+from neva_core.data.download_sources import parse_source
+from neva_core.data.shard_plan import DEFAULT_VAL_FRACTION
 from neva_core.errors import NevaError
 from neva_core.tokenizer import NEVA_SPECIAL_TOKENS
 
@@ -56,7 +56,7 @@ class ModelConfig(_Strict):
     """The language and vision checkpoints, and how the LLM is converted."""
 
     llm_source: str = "hf://meta-llama/Llama-2-7b-chat-hf"
-    # "A|B": A's files when the repo has any, else B's; neither is an error (see download.select_paths).
+    # "A|B": A's files when the repo has any, else B's; neither is an error (see download_plans.select_paths).
     llm_include: tuple[str, ...] = ("*.json", f"*.safetensors{WEIGHTS_OR}pytorch_model*.bin", "tokenizer.model")
     vision_source: str = "hf://openai/clip-vit-large-patch14-336"
     vision_include: tuple[str, ...] = ("*.json", f"*.safetensors{WEIGHTS_OR}pytorch_model*.bin")

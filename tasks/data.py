@@ -11,7 +11,9 @@ from prefect.context import TaskRunContext
 
 from neva_core.data.archive import read_record, unzip
 from neva_core.data.download import download, remote_fingerprint
-from neva_core.data.shards import DEFAULT_VAL_FRACTION, read_shard_manifest, shard_dataset
+from neva_core.data.shard_manifest import read_shard_manifest
+from neva_core.data.shard_plan import DEFAULT_VAL_FRACTION
+from neva_core.data.shards import shard_dataset
 from neva_core.errors import NevaError
 from tasks.caching import StageCache, retry_transient
 from tasks.results import to_json

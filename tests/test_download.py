@@ -13,15 +13,9 @@ import pytest
 from download_support import FakeHub, FakeServer, git_blob_id, isolate_hub_client, payload, sha256_hex
 from neva_core import cli
 from neva_core.config import ModelConfig
-from neva_core.data.download import (
-    STATE_DIR,
-    HubSource,
-    LocalSource,
-    UrlSource,
-    download,
-    parse_source,
-    remote_fingerprint,
-)
+from neva_core.data.download import download, remote_fingerprint
+from neva_core.data.download_sources import HubSource, LocalSource, UrlSource, parse_source
+from neva_core.data.download_transfer import STATE_DIR
 from neva_core.errors import NevaError, TransientError
 
 FAST = {"backoff_s": 0.001}

@@ -14,7 +14,8 @@ import pytest
 from shard_support import dataset, faulty_dataset, index_rows, manifest, record, valid_dataset
 
 from neva_core.data.energon import collapse_shard_names
-from neva_core.data.shards import shard_dataset, shard_name
+from neva_core.data.shard_plan import shard_name
+from neva_core.data.shards import shard_dataset
 
 
 @pytest.fixture(scope="module")

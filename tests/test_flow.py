@@ -21,7 +21,7 @@ from flows.neva import neva, source_name
 from neva_core.checkpoint.layout import load_native_rank, read_native_config, verify_native
 from neva_core.cli import main
 from neva_core.config import DatasetConfig, ModelConfig, PipelineConfig
-from neva_core.data.shards import read_shard_manifest
+from neva_core.data.shard_manifest import read_shard_manifest
 from neva_core.errors import NevaError, TransientError
 from download_support import FakeHub, FakeServer, isolate_hub_client
 from neva_core.fixtures import Fixtures, load_fixtures

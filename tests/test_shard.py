@@ -42,10 +42,13 @@ from shard_support import (
 )
 
 from neva_core import cli
-from neva_core.data import images, shards
+from neva_core.data import direct_writer, images, shard_manifest, shard_pool, shards
 from neva_core.data.image_source import ZipImageSource, ZipReader
 from neva_core.data.images import ImageRejected, check_image
-from neva_core.data.shards import read_shard_manifest, shard_dataset, shard_name, split_of, tar_header
+from neva_core.data.shard_manifest import read_shard_manifest
+from neva_core.data.shard_plan import shard_name, split_of
+from neva_core.data.shards import shard_dataset
+from neva_core.data.tar_writer import tar_header
 from neva_core.errors import NevaError
 from neva_core.io import MANIFEST_NAME, is_temp_name, temp_name
 
@@ -400,21 +403,21 @@ def test_in_flight_work_is_bounded(tmp_path, monkeypatch):
     records, images = valid_dataset(30)
     json_path, zip_path, _ = dataset(tmp_path, records, images)
     submitted, peak = [], []
-    real_plan = shards._plan
+    real_plan = shards.plan_tasks
 
     def counting_plan(*args):
         for task in real_plan(*args):
             submitted.append(task.name)
             yield task
 
-    real_wait = shards.wait
+    real_wait = shard_pool.wait
 
     def watching_wait(futures, **kwargs):
         peak.append(len(futures))
         return real_wait(futures, **kwargs)
 
-    monkeypatch.setattr(shards, "_plan", counting_plan)
-    monkeypatch.setattr(shards, "wait", watching_wait)
+    monkeypatch.setattr(shards, "plan_tasks", counting_plan)
+    monkeypatch.setattr(shard_pool, "wait", watching_wait)
     shard_dataset(json_path, zip_path, tmp_path / "out", maxcount=1, workers=2)
     assert len(submitted) == 30 and max(peak) <= 4
 
@@ -575,7 +578,7 @@ def test_unusual_jpeg_headers_are_left_to_pillow(damage, reason, monkeypatch):
 def chunked_write(path: Path, pieces: list[bytes]) -> str:
     """Write `pieces` through a ChunkedWriter; returns its sha256."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    writer = shards.ChunkedWriter(fd)
+    writer = direct_writer.ChunkedWriter(fd)
     try:
         for piece in pieces:
             writer.write(piece)
@@ -592,13 +595,13 @@ def random_pieces(seed: int) -> list[bytes]:
 
 @pytest.fixture
 def small_chunks(monkeypatch):
-    monkeypatch.setattr(shards, "_CHUNK", 8192)  # many whole chunks from little data
+    monkeypatch.setattr(direct_writer, "_CHUNK", 8192)  # many whole chunks from little data
 
 
 @pytest.mark.parametrize("direct_io", ["as the file system allows", "refused"])
 def test_chunked_writer_writes_and_hashes_every_byte_in_order(tmp_path, small_chunks, monkeypatch, direct_io):
     if direct_io == "refused":  # tmpfs and some network file systems
-        monkeypatch.setattr(shards, "_set_direct_io", lambda fd, enable: False)
+        monkeypatch.setattr(direct_writer, "_set_direct_io", lambda fd, enable: False)
     pieces = random_pieces(1)
     digest = chunked_write(tmp_path / "out", pieces)
     expected = b"".join(pieces)
@@ -607,7 +610,7 @@ def test_chunked_writer_writes_and_hashes_every_byte_in_order(tmp_path, small_ch
 
 
 def test_chunked_writer_goes_on_through_the_cache_when_a_direct_write_is_refused(tmp_path, small_chunks, monkeypatch):
-    monkeypatch.setattr(shards, "_set_direct_io", lambda fd, enable: enable)  # direct I/O seems on ...
+    monkeypatch.setattr(direct_writer, "_set_direct_io", lambda fd, enable: enable)  # direct I/O seems on ...
     real_write, refused = os.write, []
 
     def write(fd: int, data: memoryview) -> int:
@@ -655,10 +658,10 @@ def test_shards_are_indexed_in_info_json_order_whatever_order_they_finish(tmp_pa
     for (split, number), count in samples.items():
         name = shard_name(split, number)
         layout = {"keys": [f"{name}/{i}" for i in range(count)]}
-        shards._write_json(shards._record_path(tmp_path, name), {"layout": layout})
+        shard_manifest.write_json(shard_manifest.record_path(tmp_path, name), {"layout": layout})
         records[name] = {"name": name, "split": split, "samples": count}
     index = Index()
-    indexer = shards._InOrderIndexer(index, tmp_path)
+    indexer = shards.InOrderIndexer(index, tmp_path)
     added_so_far = []
     for name in ("train-000002.tar", "val-000000.tar", "train-000000.tar", "train-000003.tar", "train-000001.tar",
                  "val-000001.tar"):

@@ -105,6 +105,13 @@ def dtype_code(dtype: torch.dtype) -> str:
     return _DTYPE_CODES[dtype]
 
 
+def dtype_of_code(code: str) -> torch.dtype:
+    """The torch dtype of a safetensors dtype code ("BF16", "F32", ...)."""
+    if code not in _CODE_DTYPES:
+        raise NevaError(f"safetensors dtype {code!r} is not supported by neva")
+    return _CODE_DTYPES[code]
+
+
 def encode_header(specs: Iterable[TensorSpec], metadata: Mapping[str, str] | None = None) -> bytes:
     """The length prefix and JSON header for `specs`, data laid out in the given order."""
     header: dict[str, Any] = {}

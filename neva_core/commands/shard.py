@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from neva_core.data.shards import DEFAULT_MAXCOUNT, DEFAULT_VAL_FRACTION, SKIPPED_NAME, default_workers, shard_dataset
+from neva_core.data.shard_manifest import SKIPPED_NAME
+from neva_core.data.shard_plan import DEFAULT_MAXCOUNT, DEFAULT_VAL_FRACTION
+from neva_core.data.shards import default_workers, shard_dataset
 from neva_core.io import MANIFEST_NAME
 
 
