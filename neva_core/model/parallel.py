@@ -240,6 +240,7 @@ def vocab_parallel_cross_entropy(
     ignore_index: int = -100,
     vocab_size: int | None = None,
     reduction: str = "mean",
+    check_labels: bool = True,
 ) -> torch.Tensor:
     """Cross entropy of vocab-sharded logits [..., V/tp] against global label ids [...], never gathering the logits.
 
@@ -247,12 +248,15 @@ def vocab_parallel_cross_entropy(
     softmax (None: every column is a real token). Positions whose label is ignore_index add nothing.
     reduction: "none" (per-token losses, 0 where ignored), "sum", or "mean" over non-ignored tokens
     (0, not NaN, when every token is ignored, so a fully masked batch cannot poison training).
+    check_labels: refuse label ids outside the vocabulary; the check reads values back to the host, so a
+    training step whose labels the data path already validated turns it off.
     """
     if reduction not in ("none", "sum", "mean"):
         raise NevaError(f"reduction must be 'none', 'sum' or 'mean', got {reduction!r}")
     if local_logits.shape[:-1] != labels.shape:
         raise NevaError(f"logits {tuple(local_logits.shape)} and labels {tuple(labels.shape)} do not match")
-    _check_labels(labels, ignore_index, vocab_size or local_logits.shape[-1] * tp_world_size(tp_group))
+    if check_labels:
+        _check_labels(labels, ignore_index, vocab_size or local_logits.shape[-1] * tp_world_size(tp_group))
     losses = _VocabParallelCrossEntropy.apply(local_logits, labels, tp_group, ignore_index, vocab_size)
     if reduction == "none":
         return losses
