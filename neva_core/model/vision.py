@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -109,9 +110,11 @@ def _read_bin(path: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
         raise NevaError(
-            f"{path} holds objects other than tensors and is refused for safety ({exc}); convert it to "
-            f"safetensors with a trusted transformers install (from_pretrained, then save_pretrained)"
+            f"{path} holds objects other than tensors ({found[1] if found else 'not a plain state dict'}) and is "
+            f"refused for safety; convert it to safetensors where you trust the file (transformers' "
+            f"CLIPModel.from_pretrained, then save_pretrained(safe_serialization=True))"
         ) from exc
     except (RuntimeError, EOFError, OSError) as exc:
         raise NevaError(f"cannot read {path} (damaged?): {exc}") from exc
