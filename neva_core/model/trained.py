@@ -37,7 +37,7 @@ from neva_core.checkpoint.layout import (
     save_native,
     verify_native,
 )
-from neva_core.checkpoint.partition import merge_tensor, split_tensor
+from neva_core.checkpoint.partition import merge_tensor, split_tensor, tensor_names
 from neva_core.checkpoint.safetensors_stream import SafetensorsReader, StreamingWriter, TensorSpec
 from neva_core.errors import NevaError
 from neva_core.io import (
@@ -213,8 +213,9 @@ def _write_llm(dest: Path, llm: Path | str | NevaLLM, dtype: str, provenance: Ma
                             "save_native and pass that folder")
         config = llm.config
         torch_dtype = DTYPES[dtype_name(dtype)]
-        tensors = ((name, merge_tensor(name, [t.detach().to(torch_dtype)], config))
-                   for name, t in llm.state_dict().items())
+        state = llm.state_dict()
+        tensors = ((name, merge_tensor(name, [state[name].detach().to(torch_dtype)], config))
+                   for name in tensor_names(config))
         save_native(dest, config, tp=1, dtype=dtype,
                     provenance=Provenance(source=dict(provenance or {}), original_vocab_size=config.vocab_size),
                     tensors=tensors)
