@@ -7,6 +7,7 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -129,3 +130,70 @@ def test_mismatched_parts_are_refused(native_llm, projector, neva_fixtures, neva
         save_trained_model(tmp_path / "y", llm=native_llm, projector=projector, vision_dir=neva_fixtures.vision_dir,
                            tokenizer_dir=neva_tokenizer.out_dir, settings=wrong_projector)
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+# -- HF LLaVA export ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def exported(trained: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from neva_core.cli import main
+
+    out = tmp_path_factory.mktemp("export") / "llava"
+    assert main(["export", "--in", str(trained), "--out", str(out)]) == 0
+    return out
+
+
+def test_export_loads_in_transformers_with_the_same_logits(exported: Path, trained: Path, neva_fixtures) -> None:
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from neva_core.fixtures import draw_shape_image
+
+    hf_model = LlavaForConditionalGeneration.from_pretrained(exported).eval()
+    processor = AutoProcessor.from_pretrained(exported)
+    image = draw_shape_image(np.random.default_rng(0), "red", "circle", 80)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is shown?"}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(images=image, text=prompt, return_tensors="pt")
+    ours = load_trained_model(trained)
+    assert int((inputs["input_ids"] == ours.image_token_id).sum()) == ours.image_tokens
+    with torch.no_grad():
+        expected = hf_model(**inputs).logits
+        logits = gather_logits(ours(inputs["input_ids"], inputs["pixel_values"]))[..., : ours.llm.config.vocab_size]
+    torch.testing.assert_close(logits, expected)
+
+
+def test_export_is_reused_and_a_different_folder_is_refused(exported: Path, trained: Path, tmp_path: Path) -> None:
+    from neva_core.llava import export_llava
+
+    assert export_llava(trained, exported) == exported
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / MANIFEST_NAME).write_text("{}")
+    with pytest.raises(NevaError, match="not an export of this trained model"):
+        export_llava(trained, other)
+
+
+def test_chat_templates_render_the_literal_training_prompts(exported: Path) -> None:
+    from transformers import AutoProcessor
+
+    from neva_core.llava import VICUNA_V1_SYSTEM, hf_chat_template
+
+    processor = AutoProcessor.from_pretrained(exported)
+    token = processor.image_token
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "A red circle."}]},
+        {"role": "user", "content": [{"type": "text", "text": "Where?"}]},
+    ]
+    rendered = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert rendered == (f"{VICUNA_V1_SYSTEM} USER: {token}\nWhat is it? ASSISTANT: A red circle.</s>"
+                        f"USER: Where? ASSISTANT:")
+    from jinja2 import Template
+
+    plain = Template(hf_chat_template("plain", token)).render(
+        messages=[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "ignored"}]},
+                  {"role": "assistant", "content": "a red circle"}])
+    assert plain == f"{token}a red circle\n"
+    with pytest.raises(NevaError, match="no chat template"):
+        hf_chat_template("llama_2", token)
