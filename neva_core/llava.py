@@ -32,6 +32,7 @@ from neva_core.io import (
     read_manifest,
     remove_stale_temps,
     sha256_file,
+    temp_name,
     verify_files,
     write_json_atomic,
     write_manifest,
@@ -48,12 +49,11 @@ from neva_core.model.trained import (
     read_trained_config,
     save_trained_model,
 )
-from neva_core.model.vision import read_vision_config, read_vision_weights, vision_tensors
+from neva_core.model.vision import read_bin, read_state_dict, read_vision_config, read_vision_weights
 
 log = logging.getLogger(__name__)
 
 EXPORT_FORMAT = "neva-llava-export"
-IMPORT_FORMAT_NOTE = "imported from HF LLaVA"
 
 # ---------------------------------------------------------------------------------------------
 # Chat templates: the finetune prompt of each training template as a transformers chat template.
@@ -229,3 +229,158 @@ def _finished_export(out_dir: Path, parent_manifest_sha256: str) -> bool:
     verify_files(out_dir, manifest["files"], check_hash=False)
     log.info("%s already holds this export; nothing to do", out_dir)
     return True
+
+
+# ---------------------------------------------------------------------------------------------
+# Import
+
+_TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                    "added_tokens.json")
+_MM_PROJECTOR_PREFIXES = ("model.mm_projector.", "mm_projector.")
+
+
+def import_llava_hf(hf_dir: Path | str, out_dir: Path | str, *, template: str) -> Path:
+    """An `llava-hf/*`-style folder (LlavaForConditionalGeneration) as a trained-model folder `out_dir`.
+
+    `template` is the prompt template the model was finetuned with (LLaVA-1.5: vicuna_v1).
+    """
+    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    config_path = hf_dir / "config.json"
+    if not config_path.is_file():
+        raise NevaError(f"{hf_dir} has no config.json; pass an HF LLaVA model folder")
+    llava_config = json.loads(config_path.read_text())
+    parts = llava_parts(read_state_dict(hf_dir, "LLaVA"), llava_config, str(hf_dir))
+    tokenizer_files = [name for name in _TOKENIZER_FILES if (hf_dir / name).is_file()]
+    if not {"tokenizer.model", "tokenizer.json"} & set(tokenizer_files):
+        raise NevaError(f"{hf_dir} holds no tokenizer (tokenizer.model or tokenizer.json)")
+    if out_dir.exists():
+        raise NevaError(f"{out_dir} already exists; remove it or choose another output path")
+    image_processor = _image_processor_config(hf_dir)
+    dtype = _checkpoint_dtype(parts.llm_tensors)
+    settings = TrainedModelConfig(
+        family=parts.llm_config.family, template=template, projector_type=parts.projector_type,
+        image_size=parts.vision_config.image_size, patch_size=parts.vision_config.patch_size,
+        image_token_id=parts.image_token_id, vision_select_layer=parts.vision_select_layer,
+    )
+    staging_name = f"{out_dir.name}-import"
+    remove_stale_temps(out_dir.parent, staging_name)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging_dir = temp_name(out_dir.with_name(staging_name))  # beside out_dir, so the files hard-link
+    staging_dir.mkdir()
+    try:
+        save_native(staging_dir / LLM_DIR, parts.llm_config, tp=1, dtype=dtype,
+                    provenance=Provenance(source={"llava_hf": str(hf_dir.resolve())},
+                                          original_vocab_size=parts.llm_config.vocab_size,
+                                          hf_config=llava_config["text_config"]),
+                    tensors=((name, t.to(DTYPES[dtype])) for name, t in parts.llm_tensors.items()))
+        vision_dir = staging_dir / VISION_DIR
+        _write_vision_folder(vision_dir, parts.vision_config, parts.vision_tensors, image_processor)
+        tokenizer_dir = staging_dir / TOKENIZER_DIR
+        tokenizer_dir.mkdir()
+        for name in tokenizer_files:
+            shutil.copy2(hf_dir / name, tokenizer_dir / name)
+        return save_trained_model(out_dir, llm=staging_dir / LLM_DIR, projector=parts.projector_tensors,
+                                  vision_dir=vision_dir, tokenizer_dir=tokenizer_dir, settings=settings,
+                                  dtype=dtype, provenance={"imported_from": str(hf_dir.resolve())})
+    finally:
+        shutil.rmtree(staging_dir, ignore_errors=True)
+
+
+def import_mm_projector(
+    projector_file: Path | str,
+    out_dir: Path | str,
+    *,
+    llm_dir: Path | str,
+    vision_dir: Path | str,
+    tokenizer_dir: Path | str,
+    template: str,
+    image_token_id: int,
+    vision_select_layer: int = -2,
+) -> Path:
+    """LLaVA's pretrained `mm_projector.bin` with a native LLM, a CLIP folder and a tokenizer, as a
+    trained-model folder: the starting point of a finetune (`train --init`)."""
+    projector_file, llm_dir, vision_dir = Path(projector_file), Path(llm_dir), Path(vision_dir)
+    state = read_bin(projector_file) if projector_file.suffix == ".bin" else _read_safetensors_file(projector_file)
+    projector: dict[str, torch.Tensor] = {}
+    for name, tensor in state.items():
+        prefix = next((p for p in _MM_PROJECTOR_PREFIXES if name.startswith(p)), None)
+        if prefix is None:
+            raise NevaError(f"{projector_file}: tensor {name!r} is not a LLaVA mm_projector tensor")
+        projector[name[len(prefix):]] = tensor
+    projector_type = projector_type_of(projector, str(projector_file))
+    verify_native(llm_dir, deep=False)
+    llm_config = read_native_config(llm_dir)[0]
+    vision_config = read_vision_config(vision_dir)
+    first = projector["weight" if projector_type == "linear" else "0.weight"]
+    last = projector["weight" if projector_type == "linear" else "2.weight"]
+    if first.shape[1] != vision_config.hidden_size or last.shape[0] != llm_config.hidden_size:
+        raise NevaError(
+            f"{projector_file} maps {first.shape[1]} -> {last.shape[0]} features; {vision_dir} gives "
+            f"{vision_config.hidden_size} and {llm_dir} takes {llm_config.hidden_size}: a projector from another model pair"
+        )
+    settings = TrainedModelConfig(
+        family=llm_config.family, template=template, projector_type=projector_type,
+        image_size=vision_config.image_size, patch_size=vision_config.patch_size, image_token_id=image_token_id,
+        vision_select_layer=vision_select_layer,
+    )
+    return save_trained_model(out_dir, llm=llm_dir, projector=projector, vision_dir=vision_dir,
+                              tokenizer_dir=tokenizer_dir, settings=settings,
+                              provenance={"mm_projector": str(projector_file.resolve())})
+
+
+def _read_safetensors_file(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise NevaError(f"{path} does not exist")
+    with SafetensorsReader(path) as reader:
+        return {name: reader.read(name) for name in reader.names()}
+
+
+def _checkpoint_dtype(tensors: dict[str, torch.Tensor]) -> str:
+    dtype = next(iter(tensors.values())).dtype
+    return next((name for name, value in DTYPES.items() if value == dtype), "fp32")
+
+
+def _image_processor_config(hf_dir: Path) -> dict[str, Any]:
+    """The CLIP image processor settings: preprocessor_config.json, or (transformers 5) processor_config.json's
+    `image_processor` entry."""
+    for name, key in (("preprocessor_config.json", None), ("processor_config.json", "image_processor")):
+        if (hf_dir / name).is_file():
+            document = json.loads((hf_dir / name).read_text())
+            found = document if key is None else document.get(key)
+            if found:
+                return found
+    raise NevaError(f"{hf_dir} has no image processor settings (preprocessor_config.json or processor_config.json)")
+
+
+def _write_vision_folder(dest: Path, vision_config: Any, tensors: dict[str, torch.Tensor],
+                         image_processor: dict[str, Any]) -> None:
+    """A CLIPVisionModel folder: config.json, model.safetensors (`vision_model.` names, which every
+    transformers release reads), preprocessor_config.json."""
+    from neva_core.checkpoint.safetensors_stream import StreamingWriter
+
+    dest.mkdir(parents=True)
+    config = {k: v for k, v in vision_config.to_dict().items() if k != "transformers_version"}
+    write_json_atomic(dest / "config.json", {**config, "model_type": "clip_vision_model",
+                                             "architectures": ["CLIPVisionModel"]})
+    named = {f"vision_model.{name}": t.contiguous() for name, t in tensors.items()}
+    with StreamingWriter(dest / "model.safetensors", [TensorSpec(n, t.dtype, tuple(t.shape)) for n, t in named.items()],
+                         {"format": "pt"}) as writer:
+        for name, tensor in named.items():
+            writer.write(name, tensor)
+    write_json_atomic(dest / "preprocessor_config.json", image_processor)
+
+
+def image_patch_token_id(tokenizer_dir: Path | str) -> int:
+    """The id of the image_patch role token, from the `extension.json` that `neva tokenizer extend` wrote."""
+    from neva_core.tokenizer import NEVA_TOKEN_ROLES
+
+    path = Path(tokenizer_dir) / "extension.json"
+    if not path.is_file():
+        raise NevaError(f"{tokenizer_dir} has no extension.json (not extended by `neva tokenizer extend`); "
+                        f"pass the image token's id explicitly")
+    extension = json.loads(path.read_text())
+    token = extension.get("roles", NEVA_TOKEN_ROLES)["image_patch"]
+    ids = {**extension.get("already_present", {}), **extension.get("added", {})}
+    if token not in ids:
+        raise NevaError(f"{path} does not list the image_patch token {token!r}; pass the image token's id explicitly")
+    return int(ids[token])

@@ -197,3 +197,43 @@ def test_chat_templates_render_the_literal_training_prompts(exported: Path) -> N
     assert plain == f"{token}a red circle\n"
     with pytest.raises(NevaError, match="no chat template"):
         hf_chat_template("llama_2", token)
+
+
+# -- import ------------------------------------------------------------------------------------------
+
+
+def test_llava_hf_folder_imports_to_the_same_model(exported: Path, trained: Path, tmp_path: Path) -> None:
+    from neva_core.cli import main
+
+    out = tmp_path / "imported"
+    assert main(["import", "--llava-hf", str(exported), "--out", str(out), "--template", "vicuna_v1"]) == 0
+    original, imported = load_trained_model(trained), load_trained_model(out, deep=True)
+    for part in ("llm", "projector", "vision"):
+        left, right = getattr(original, part).state_dict(), getattr(imported, part).state_dict()
+        assert left.keys() == right.keys()
+        for name in left:
+            assert torch.equal(left[name], right[name]), (part, name)
+    assert read_trained_config(out)[1] == read_trained_config(trained)[1]
+
+
+def test_mm_projector_bin_imports_with_the_llm_tower_and_tokenizer(trained: Path, native_llm: Path, neva_fixtures,
+                                                                   neva_tokenizer, projector, tmp_path: Path) -> None:
+    from neva_core.cli import main
+
+    mm_projector = tmp_path / "mm_projector.bin"
+    torch.save({f"model.mm_projector.{k}": v for k, v in projector.state_dict().items()}, mm_projector)
+    out = tmp_path / "init"
+    assert main(["import", "--mm-projector", str(mm_projector), "--llm", str(native_llm),
+                 "--vision", str(neva_fixtures.vision_dir), "--tokenizer", str(neva_tokenizer.out_dir),
+                 "--template", "vicuna_v1", "--out", str(out)]) == 0
+    imported = load_trained_model(out)
+    for name, tensor in projector.state_dict().items():
+        assert torch.equal(imported.projector.state_dict()[name], tensor)
+    assert imported.image_token_id == neva_tokenizer.added["<extra_id_3>"]
+    wrong = tmp_path / "wrong.bin"
+    torch.save({"model.mm_projector.0.weight": torch.zeros(64, 32), "model.mm_projector.0.bias": torch.zeros(64),
+                "model.mm_projector.2.weight": torch.zeros(64, 64), "model.mm_projector.2.bias": torch.zeros(64)}, wrong)
+    assert main(["import", "--mm-projector", str(wrong), "--llm", str(native_llm),
+                 "--vision", str(neva_fixtures.vision_dir), "--tokenizer", str(neva_tokenizer.out_dir),
+                 "--template", "vicuna_v1", "--out", str(tmp_path / "never")]) == 2
+    assert not (tmp_path / "never").exists()

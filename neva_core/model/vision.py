@@ -61,18 +61,21 @@ def clip_vision_config(fields: Mapping[str, Any]) -> Any:
 
 def read_vision_weights(folder: Path) -> dict[str, torch.Tensor]:
     """The vision encoder's tensors of `folder`, named without the `vision_model.` prefix."""
+    return vision_tensors(read_state_dict(folder, "CLIP"), folder)
+
+
+def read_state_dict(folder: Path, what: str) -> dict[str, torch.Tensor]:
+    """Every tensor of an HF model folder: safetensors (single or indexed) first, else pytorch_model.bin."""
     if (folder / SAFETENSORS_INDEX).is_file():
         files = _indexed_files(folder / SAFETENSORS_INDEX)
-        state = {name: t for file in files for name, t in _read_safetensors(folder / file).items()}
-    elif (folder / SAFETENSORS_SINGLE).is_file():
-        state = _read_safetensors(folder / SAFETENSORS_SINGLE)
-    elif (folder / BIN_SINGLE).is_file():
-        state = _read_bin(folder / BIN_SINGLE)
-    else:
-        raise NevaError(
-            f"{folder} holds no CLIP weights: expected {SAFETENSORS_SINGLE}, {SAFETENSORS_INDEX} or {BIN_SINGLE}"
-        )
-    return vision_tensors(state, folder)
+        return {name: t for file in files for name, t in _read_safetensors(folder / file).items()}
+    if (folder / SAFETENSORS_SINGLE).is_file():
+        return _read_safetensors(folder / SAFETENSORS_SINGLE)
+    if (folder / BIN_SINGLE).is_file():
+        return read_bin(folder / BIN_SINGLE)
+    raise NevaError(
+        f"{folder} holds no {what} weights: expected {SAFETENSORS_SINGLE}, {SAFETENSORS_INDEX} or {BIN_SINGLE}"
+    )
 
 
 def vision_tensors(state: dict[str, torch.Tensor], source: Path | str) -> dict[str, torch.Tensor]:
@@ -106,7 +109,8 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         return {name: reader.read(name) for name in reader.names()}
 
 
-def _read_bin(path: Path) -> dict[str, torch.Tensor]:
+def read_bin(path: Path) -> dict[str, torch.Tensor]:
+    """A `.bin` state dict, loaded with weights_only=True: plain tensors only, never arbitrary objects."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
