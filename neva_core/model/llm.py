@@ -16,12 +16,14 @@ plain causal and takes SDPA's fused `is_causal` path.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from neva_core.checkpoint.layout import load_native_rank, read_native_config
 from neva_core.checkpoint.partition import full_shape, split_tensor
 from neva_core.errors import NevaError
 from neva_core.model.config import LLMConfig
@@ -32,6 +34,7 @@ from neva_core.model.parallel import (
     VocabParallelEmbedding,
     copy_to_tp_region,
     gather_from_tp_region,
+    mark_tensor_parallel_parameters,
     tp_rank,
     tp_world_size,
     vocab_parallel_cross_entropy,
@@ -264,6 +267,43 @@ class NevaLLM(nn.Module):
             self.output_layer = ColumnParallelLinear(self.config.hidden_size, self.config.padded_vocab_size, tp_group)
         self.reset_parameters()
 
+    @classmethod
+    def from_rank_file(
+        cls,
+        folder: Path | str,
+        tp_group: TPGroup = None,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str = "cpu",
+        activation_checkpointing: bool = False,
+        verify: bool = True,
+    ) -> NevaLLM:
+        """This rank's model from a native checkpoint written for this TP size, without a random init.
+
+        The modules are built on the meta device (no memory, no init) and take the rank file's tensors as
+        their parameters; dtype None keeps the file's. `verify` checks the manifest and the file's sha256.
+        """
+        folder = Path(folder)
+        config, meta = read_native_config(folder)
+        tp = tp_world_size(tp_group)
+        if int(meta["tp"]) != tp:
+            raise NevaError(
+                f"{folder} holds rank files for tp={meta['tp']} but the model runs at tp={tp}; "
+                f"rewrite it with `neva repartition --in {folder} --out DIR --tp {tp}`"
+            )
+        tensors = load_native_rank(folder, tp_rank(tp_group), verify=verify)
+        with torch.device("meta"):
+            model = cls(config, tp_group, activation_checkpointing=activation_checkpointing)
+        tensors = {name: tensor.to(device=device, dtype=dtype) for name, tensor in tensors.items()}
+        try:
+            model.load_state_dict(tensors, assign=True)
+        except RuntimeError as exc:
+            raise NevaError(f"{folder}: rank {tp_rank(tp_group)} does not fit the model its config.json "
+                            f"describes ({exc})") from exc
+        # assign=True put new Parameter objects in place, without the TP tags DeepSpeed's grad norm reads.
+        mark_tensor_parallel_parameters(model)
+        return model
+
     def reset_parameters(self) -> None:
         """LLaMA-style init: normal with std 0.02 (residual output projections scaled by 1/sqrt(2·layers)),
         norms at one, q/k/v bias and vocabulary padding rows at zero. Each tensor is drawn whole and this
@@ -307,6 +347,19 @@ class NevaLLM(nn.Module):
         kv_cache: the step's keys/values are appended to it and attention covers everything cached;
         attention_mask then covers this step's tokens only (the cache remembers earlier ones).
         """
+        return self.output_logits(
+            self.hidden_states(input_ids, position_ids, inputs_embeds, attention_mask, kv_cache)
+        )
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """The final-normed hidden states [B, T, H] that forward turns into logits (same arguments)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise NevaError("NevaLLM.forward needs exactly one of input_ids or inputs_embeds")
         hidden = self.embedding(input_ids) if inputs_embeds is None else inputs_embeds
@@ -325,9 +378,10 @@ class NevaLLM(nn.Module):
         hidden = self.decoder(hidden, cos, sin, mask, kv_cache)
         if kv_cache is not None:
             kv_cache.length += seq_len
-        return self._output_logits(hidden)
+        return hidden
 
-    def _output_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def output_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """This rank's logits shard of hidden states [..., H] (e.g. only the positions a decoder needs)."""
         if self.config.tie_embeddings:
             # Tied: the vocab-sharded embedding matrix doubles as the column-parallel output layer.
             weight = self.embedding.word_embeddings.weight
@@ -340,6 +394,20 @@ class NevaLLM(nn.Module):
         return vocab_parallel_cross_entropy(
             local_logits, labels, self.tp_group, ignore_index, vocab_size=self.config.vocab_size, reduction=reduction
         )
+
+    def loss_terms(self, local_logits: torch.Tensor, labels: torch.Tensor,
+                   ignore_index: int = -100) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum of the token losses, number of supervised tokens) as device tensors, with no host sync.
+
+        labels [B, T] are aligned with the logits (label t is the target of position t). Summing both terms
+        over micro-batches and data-parallel ranks before dividing gives the token-weighted mean. Label ids
+        are not range-checked here (that needs a sync): they come from the tokenizer's vocabulary.
+        """
+        loss_sum = vocab_parallel_cross_entropy(
+            local_logits, labels, self.tp_group, ignore_index, vocab_size=self.config.vocab_size,
+            reduction="sum", check_labels=False,
+        )
+        return loss_sum, (labels != ignore_index).sum()
 
 
 def gather_logits(local_logits: torch.Tensor, tp_group: TPGroup = None) -> torch.Tensor:
