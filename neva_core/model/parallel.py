@@ -266,8 +266,8 @@ def vocab_parallel_cross_entropy(
     softmax (None: every column is a real token). Positions whose label is ignore_index add nothing.
     reduction: "none" (per-token losses, 0 where ignored), "sum", or "mean" over non-ignored tokens
     (0, not NaN, when every token is ignored, so a fully masked batch cannot poison training).
-    check_labels: refuse label ids outside the vocabulary. The check reads the labels on the host (a device
-    sync); a training step that validated its labels where they were made turns it off.
+    check_labels: refuse label ids outside the vocabulary; the check reads values back to the host, so a
+    training step whose labels the data path already validated turns it off.
     """
     if reduction not in ("none", "sum", "mean"):
         raise NevaError(f"reduction must be 'none', 'sum' or 'mean', got {reduction!r}")
