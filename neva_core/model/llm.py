@@ -342,6 +342,8 @@ class NevaLLM(nn.Module):
 
         attention_mask [B, T] (bool, True = real token): padding positions never attend to or are attended by
         real tokens; their own logits are meaningless. None: every token is real (plain causal attention).
+        Right padding alone never reaches a real token under causal attention, so a training batch may pass
+        None and keep the fused causal kernel; left padding and padding inside a cache need the mask.
         position_ids [B, T] or [T] (RoPE only) default to 0..T-1, or past..past+T-1 with a cache; with left
         padding pass the real positions (cumsum of the mask - 1), as `neva_core.generate` does.
         kv_cache: the step's keys/values are appended to it and attention covers everything cached;
