@@ -64,8 +64,10 @@ def neva_from_hf(hf_model: Any, tp_group: TPGroup = None) -> NevaModel:
     return assemble_model(llm, vision, settings, parts.projector_tensors)
 
 
-def mixed_batch(image_offsets: tuple[int | None, ...] = (2, None, 7), seed: int = 1) -> dict[str, torch.Tensor]:
-    """Rows with an image block at the given offset (None: a text-only row with a zero image).
+def mixed_batch(image_offsets: tuple[int | None, ...] = (2, None, 7), padding: tuple[int, ...] = (0, 4, 3),
+                seed: int = 1) -> dict[str, torch.Tensor]:
+    """Rows with an image block at the given offset (None: a text-only row with a zero image), each
+    right-padded by the given number of positions (id 0, attention_mask False, label ignored).
 
     labels follow input_ids (HF convention), ignored on the image tokens and the first two tokens.
     """
@@ -77,15 +79,21 @@ def mixed_batch(image_offsets: tuple[int | None, ...] = (2, None, 7), seed: int 
         if offset is not None:
             input_ids[row, offset:offset + IMAGE_TOKENS] = IMAGE_TOKEN
             images[row] = torch.randn(3, IMAGE_SIZE, IMAGE_SIZE, generator=generator)
-    labels = input_ids.masked_fill(input_ids == IMAGE_TOKEN, -100)
+    attention_mask = torch.ones(rows, SEQ_LEN, dtype=torch.bool)
+    for row, pad in enumerate(padding[:rows]):
+        if pad:
+            attention_mask[row, -pad:] = False
+    input_ids = input_ids.masked_fill(~attention_mask, 0)
+    labels = input_ids.masked_fill((input_ids == IMAGE_TOKEN) | ~attention_mask, -100)
     labels[:, :2] = -100
     has_image = torch.tensor([offset is not None for offset in image_offsets])
-    return {"input_ids": input_ids, "labels": labels, "images": images, "has_image": has_image}
+    return {"input_ids": input_ids, "labels": labels, "images": images, "has_image": has_image,
+            "attention_mask": attention_mask}
 
 
 def hf_outputs(hf_model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits, mean loss) of transformers' LLaVA: pixel values only for the rows that have an image."""
     pixel_values = batch["images"][batch["has_image"]]
     out = hf_model(input_ids=batch["input_ids"], pixel_values=pixel_values if len(pixel_values) else None,
-                   labels=batch["labels"])
+                   attention_mask=batch["attention_mask"].long(), labels=batch["labels"])
     return out.logits, out.loss

@@ -167,10 +167,11 @@ def neva_step(group: Any) -> dict[str, Any]:
     model = neva_from_hf(tiny_llava("llama"), group)
     model.set_stage(Stage.PRETRAIN)
     batch = mixed_batch()
-    logits = model(batch["input_ids"], batch["images"])
-    loss_sum, tokens = model.loss_terms(batch["input_ids"], batch["images"], batch["labels"])
+    logits = model(batch["input_ids"], batch["images"], batch["attention_mask"])
+    loss_sum, tokens = model.loss_terms(batch["input_ids"], batch["images"], batch["labels"], batch["attention_mask"])
     (loss_sum / tokens).backward()
-    return {"logits": gather_logits(logits.detach(), group)[..., : model.llm.config.vocab_size],
+    real = batch["attention_mask"]
+    return {"logits": gather_logits(logits.detach(), group)[..., : model.llm.config.vocab_size][real],
             "loss_sum": loss_sum.detach(), "tokens": tokens,
             "grads": {name: p.grad for name, p in model.projector.named_parameters()}}
 

@@ -24,7 +24,6 @@ from torch import nn
 
 from neva_core.errors import NevaError
 from neva_core.model.llm import NevaLLM
-from neva_core.model.parallel import vocab_parallel_cross_entropy
 from neva_core.model.vision import VisionTower
 
 IGNORE_INDEX = -100  # the default; the data path defines its own copy (the model never imports data code)
@@ -90,11 +89,9 @@ class NevaModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, images: torch.Tensor | None,
                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """This rank's logits shard [B, T, padded_vocab / tp]."""
-        embeddings = self.embed(input_ids, images)
-        if attention_mask is None:
-            return self.llm(inputs_embeds=embeddings)
-        return self.llm(inputs_embeds=embeddings, attention_mask=attention_mask)
+        """This rank's logits shard [B, T, padded_vocab / tp]; attention_mask [B, T] (True = real token) as
+        NevaLLM takes it (None: no padding, or right padding only, which causal attention never sees)."""
+        return self.llm(inputs_embeds=self.embed(input_ids, images), attention_mask=attention_mask)
 
     def loss_terms(self, input_ids: torch.Tensor, images: torch.Tensor | None, labels: torch.Tensor,
                    attention_mask: torch.Tensor | None = None,
@@ -107,12 +104,7 @@ class NevaModel(nn.Module):
         here reads a value back to the host.
         """
         logits = self.forward(input_ids, images, attention_mask)
-        targets = labels[:, 1:]
-        losses = vocab_parallel_cross_entropy(
-            logits[:, :-1], targets, self.llm.tp_group, ignore_index, vocab_size=self.llm.config.vocab_size,
-            reduction="none", check_labels=False,
-        )
-        return losses.sum(), (targets != ignore_index).sum()
+        return self.llm.loss_terms(logits[:, :-1], labels[:, 1:], ignore_index)
 
     # -- stages ------------------------------------------------------------------------------------
 

@@ -54,7 +54,7 @@ from neva_core.io import (
 from neva_core.model.config import LLMConfig
 from neva_core.model.llm import NevaLLM
 from neva_core.model.neva import NevaModel
-from neva_core.model.parallel import TPGroup, mark_tensor_parallel, tp_rank, tp_world_size
+from neva_core.model.parallel import TPGroup, mark_tensor_parallel_parameters, tp_rank, tp_world_size
 from neva_core.model.projector import PROJECTOR_TYPES, build_projector, projector_type_of
 from neva_core.model.vision import DEFAULT_SELECT_LAYER, VisionTower, read_vision_config
 
@@ -107,21 +107,20 @@ class TrainedModelConfig:
 
 
 def build_llm(config: LLMConfig, rank_tensors: Mapping[str, torch.Tensor], tp_group: TPGroup = None,
-              dtype: torch.dtype | None = None) -> NevaLLM:
+              dtype: torch.dtype | None = None, activation_checkpointing: bool = False) -> NevaLLM:
     """A NevaLLM holding this rank's tensors, built on the meta device (no random initialisation drawn).
 
     `load_state_dict(assign=True)` replaces the parameters, so the tensor-parallel attributes DeepSpeed
     needs for the gradient norm are put back afterwards.
     """
     with torch.device("meta"):
-        llm = NevaLLM(config, tp_group)
-    partition = {name: param.partition_dim for name, param in llm.named_parameters()
-                 if getattr(param, "tensor_model_parallel", False)}
+        llm = NevaLLM(config, tp_group, activation_checkpointing=activation_checkpointing)
     tensors = {name: t if dtype is None else t.to(dtype) for name, t in rank_tensors.items()}
-    llm.load_state_dict(tensors, strict=True, assign=True)
-    for name, param in llm.named_parameters():
-        if name in partition:
-            mark_tensor_parallel(param, partition[name])
+    try:
+        llm.load_state_dict(tensors, strict=True, assign=True)
+    except RuntimeError as exc:
+        raise NevaError(f"the LLM tensors do not fit the model their config describes ({exc})") from exc
+    mark_tensor_parallel_parameters(llm)
     return llm
 
 
@@ -299,11 +298,12 @@ def read_projector(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_trained_model(folder: Path | str, tp_group: TPGroup = None, dtype: torch.dtype | None = None,
-                       deep: bool = False) -> NevaModel:
+                       deep: bool = False, activation_checkpointing: bool = False) -> NevaModel:
     """The NevaModel of a trained-model folder (or a run's OUT) on this rank of `tp_group`.
 
     Rank files written for the group's TP size are read directly; for another size each rank merges
-    and re-splits the tensors as it reads them. `dtype` casts every part (e.g. torch.bfloat16).
+    and re-splits the tensors as it reads them. `dtype` casts every part (e.g. torch.bfloat16);
+    `activation_checkpointing` recomputes each LLM decoder layer in backward.
     """
     folder, settings, _ = read_trained_config(folder, deep=deep)
     llm_dir = folder / LLM_DIR
@@ -314,6 +314,6 @@ def load_trained_model(folder: Path | str, tp_group: TPGroup = None, dtype: torc
     else:
         with NativeReader(llm_dir, deep=deep) as reader:
             rank_tensors = rank_tensors_from_full(reader.full_tensors(), config, tp_group)
-    llm = build_llm(config, rank_tensors, tp_group, dtype)
+    llm = build_llm(config, rank_tensors, tp_group, dtype, activation_checkpointing)
     vision = VisionTower.from_folder(folder / VISION_DIR, settings.vision_select_layer, dtype or torch.float32)
     return assemble_model(llm, vision, settings, read_projector(folder / PROJECTOR_FILE), dtype)
