@@ -15,7 +15,7 @@ import json
 import logging
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -39,17 +39,22 @@ from neva_core.io import (
 )
 from neva_core.model.llava_hf import FILE_PREFIXES, hf_llm_file_tensors, llava_parts
 from neva_core.model.projector import hf_projector_activation, hf_projector_tensors, projector_type_of
+from neva_core.model.neva import NevaModel
+from neva_core.model.parallel import TPGroup
 from neva_core.model.trained import (
     LLM_DIR,
     PROJECTOR_FILE,
     TOKENIZER_DIR,
     VISION_DIR,
     TrainedModelConfig,
+    assemble_model,
+    build_llm,
+    rank_tensors_from_full,
     read_projector,
     read_trained_config,
     save_trained_model,
 )
-from neva_core.model.vision import read_bin, read_state_dict, read_vision_config, read_vision_weights
+from neva_core.model.vision import VisionTower, read_bin, read_state_dict, read_vision_config, read_vision_weights
 
 log = logging.getLogger(__name__)
 
@@ -233,6 +238,22 @@ def _finished_export(out_dir: Path, parent_manifest_sha256: str) -> bool:
 
 # ---------------------------------------------------------------------------------------------
 # Import
+
+
+def model_from_llava_state(state: Mapping[str, torch.Tensor], llava_config: Mapping[str, Any], *,
+                           template: str, tp_group: TPGroup = None, source: str = "the LLaVA weights") -> NevaModel:
+    """A NevaModel (this rank of `tp_group`) holding an in-memory HF LLaVA model's weights."""
+    parts = llava_parts(state, llava_config, source)
+    llm = build_llm(parts.llm_config, rank_tensors_from_full(parts.llm_tensors.items(), parts.llm_config, tp_group),
+                    tp_group)
+    vision = VisionTower.from_state(parts.vision_config, parts.vision_tensors, parts.vision_select_layer,
+                                    source=source)
+    settings = TrainedModelConfig(family=parts.llm_config.family, template=template,
+                                  projector_type=parts.projector_type, image_size=vision.image_size,
+                                  patch_size=vision.patch_size, image_token_id=parts.image_token_id,
+                                  vision_select_layer=parts.vision_select_layer)
+    return assemble_model(llm, vision, settings, parts.projector_tensors)
+
 
 _TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                     "added_tokens.json")

@@ -7,11 +7,9 @@ from typing import Any
 
 import torch
 
-from neva_core.model.llava_hf import llava_parts
+from neva_core.llava import model_from_llava_state
 from neva_core.model.neva import NevaModel
 from neva_core.model.parallel import TPGroup
-from neva_core.model.trained import TrainedModelConfig, assemble_model, build_llm, rank_tensors_from_full
-from neva_core.model.vision import VisionTower
 
 VOCAB = 300
 IMAGE_TOKEN = 297  # an ordinary id of the vocabulary, as the image_patch role token is
@@ -53,15 +51,8 @@ def tiny_llava(family: str, seed: int = 0) -> Any:
 
 def neva_from_hf(hf_model: Any, tp_group: TPGroup = None) -> NevaModel:
     """Our model with the HF LLaVA model's weights, through our own name maps and converter tables."""
-    parts = llava_parts(hf_model.state_dict(), hf_model.config.to_dict(), "the HF test model")
-    llm = build_llm(parts.llm_config, rank_tensors_from_full(parts.llm_tensors.items(), parts.llm_config, tp_group),
-                    tp_group)
-    vision = VisionTower.from_state(parts.vision_config, parts.vision_tensors, parts.vision_select_layer)
-    settings = TrainedModelConfig(family=parts.llm_config.family, template="vicuna_v1",
-                                  projector_type=parts.projector_type, image_size=vision.image_size,
-                                  patch_size=vision.patch_size, image_token_id=parts.image_token_id,
-                                  vision_select_layer=parts.vision_select_layer)
-    return assemble_model(llm, vision, settings, parts.projector_tensors)
+    return model_from_llava_state(hf_model.state_dict(), hf_model.config.to_dict(), template="vicuna_v1",
+                                  tp_group=tp_group)
 
 
 def mixed_batch(image_offsets: tuple[int | None, ...] = (2, None, 7), padding: tuple[int, ...] = (0, 4, 3),
