@@ -237,3 +237,24 @@ def test_mm_projector_bin_imports_with_the_llm_tower_and_tokenizer(trained: Path
                  "--vision", str(neva_fixtures.vision_dir), "--tokenizer", str(neva_tokenizer.out_dir),
                  "--template", "vicuna_v1", "--out", str(tmp_path / "never")]) == 2
     assert not (tmp_path / "never").exists()
+
+
+def test_greedy_generation_of_the_export_equals_ours(exported: Path, trained: Path) -> None:
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from neva_core.fixtures import draw_shape_image
+    from neva_core.generate import greedy_generate
+
+    hf_model = LlavaForConditionalGeneration.from_pretrained(exported).eval()
+    processor = AutoProcessor.from_pretrained(exported)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe it."}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(images=draw_shape_image(np.random.default_rng(1), "blue", "square", 64), text=prompt,
+                       return_tensors="pt")
+    expected = hf_model.generate(**inputs, do_sample=False, max_new_tokens=12, eos_token_id=2, pad_token_id=0)
+    ours = load_trained_model(trained)
+    with torch.no_grad():
+        embeds = ours.embed(inputs["input_ids"], inputs["pixel_values"])
+    tokens = greedy_generate(ours.llm, prompt_embeds=embeds, eos_id=2, max_new_tokens=12)
+    new = expected[0, inputs["input_ids"].shape[1]:].tolist()
+    assert tokens[0] == [t for t in new[: new.index(2) if 2 in new else len(new)]]
