@@ -15,7 +15,7 @@ import json
 import logging
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ import torch
 
 from neva_core.checkpoint.hf import DTYPES, hf_config_from_llm, hf_tensor_shapes
 from neva_core.checkpoint.layout import NativeReader, Provenance, read_native_config, save_native, verify_native
-from neva_core.checkpoint.safetensors_stream import SafetensorsReader, TensorSpec, prefetched
+from neva_core.checkpoint.safetensors_stream import SafetensorsReader, StreamingWriter, TensorSpec, prefetched
 from neva_core.errors import NevaError
 from neva_core.export import DEFAULT_MAX_SHARD_BYTES, write_hf_weights
 from neva_core.io import (
@@ -38,9 +38,9 @@ from neva_core.io import (
     write_manifest,
 )
 from neva_core.model.llava_hf import FILE_PREFIXES, hf_llm_file_tensors, llava_parts
-from neva_core.model.projector import hf_projector_activation, hf_projector_tensors, projector_type_of
 from neva_core.model.neva import NevaModel
 from neva_core.model.parallel import TPGroup
+from neva_core.model.projector import hf_projector_activation, hf_projector_tensors, projector_type_of
 from neva_core.model.trained import (
     LLM_DIR,
     PROJECTOR_FILE,
@@ -123,10 +123,12 @@ def hf_chat_template(template: str, image_token: str) -> str:
 # Export
 
 
-def export_llava(in_dir: Path | str, out_dir: Path | str, *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
+def export_llava(in_dir: Path | str, out_dir: Path | str, *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+                 chat_template: Callable[[str, str], str] = hf_chat_template) -> Path:
     """Write the trained-model folder `in_dir` as an HF LLaVA folder `out_dir`; return it.
 
-    The same export already at `out_dir` is reused; anything else there is refused.
+    `chat_template(template, image_token)` gives the Jinja chat template of the model's training
+    template. The same export already at `out_dir` is reused; anything else there is refused.
     """
     in_dir, out_dir = Path(in_dir), Path(out_dir)
     if max_shard_bytes <= 0:
@@ -152,7 +154,7 @@ def export_llava(in_dir: Path | str, out_dir: Path | str, *, max_shard_bytes: in
             tensors = _export_tensors(reader, {**vision, **projector}, dtype)
             files = write_hf_weights(tmp, llm_specs + extra_specs, prefetched(tensors), max_shard_bytes)
             write_json_atomic(tmp / "config.json", config)
-            processor_files = _write_processor(tmp, folder, settings)
+            processor_files = _write_processor(tmp, folder, settings, chat_template)
             files.update({name: file_entry(tmp / name) for name in ["config.json", *processor_files]})
             write_manifest(tmp, {"format": EXPORT_FORMAT, "parent": parent, "files": files})
     return out_dir
@@ -186,7 +188,8 @@ def _llava_config(settings: TrainedModelConfig, reader: NativeReader, vision_con
     }
 
 
-def _write_processor(dest: Path, folder: Path, settings: TrainedModelConfig) -> list[str]:
+def _write_processor(dest: Path, folder: Path, settings: TrainedModelConfig,
+                     chat_template: Callable[[str, str], str]) -> list[str]:
     """Save a LlavaProcessor (image processor, tokenizer, image token, chat template) into `dest`;
     return the names of the files written."""
     from transformers import AutoImageProcessor, AutoTokenizer, LlavaProcessor
@@ -198,7 +201,7 @@ def _write_processor(dest: Path, folder: Path, settings: TrainedModelConfig) -> 
         tokenizer=tokenizer,
         patch_size=settings.patch_size,
         vision_feature_select_strategy="default",
-        chat_template=hf_chat_template(settings.template, image_token),
+        chat_template=chat_template(settings.template, image_token),
         image_token=image_token,
         num_additional_image_tokens=1,  # the CLS token, which the "default" strategy drops again
     )
@@ -377,8 +380,6 @@ def _write_vision_folder(dest: Path, vision_config: Any, tensors: dict[str, torc
                          image_processor: dict[str, Any]) -> None:
     """A CLIPVisionModel folder: config.json, model.safetensors (`vision_model.` names, which every
     transformers release reads), preprocessor_config.json."""
-    from neva_core.checkpoint.safetensors_stream import StreamingWriter
-
     dest.mkdir(parents=True)
     config = {k: v for k, v in vision_config.to_dict().items() if k != "transformers_version"}
     write_json_atomic(dest / "config.json", {**config, "model_type": "clip_vision_model",
