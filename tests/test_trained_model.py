@@ -258,3 +258,27 @@ def test_greedy_generation_of_the_export_equals_ours(exported: Path, trained: Pa
     tokens = greedy_generate(ours.llm, prompt_embeds=embeds, eos_id=2, max_new_tokens=12)
     new = expected[0, inputs["input_ids"].shape[1]:].tolist()
     assert tokens[0] == [t for t in new[: new.index(2) if 2 in new else len(new)]]
+
+
+def test_bf16_and_activation_checkpointing_pass_through_on_load(trained: Path, settings) -> None:
+    from neva_core.model.neva import Stage
+
+    input_ids = torch.randint(3, 380, (2, 24))
+    input_ids[:, 1:17] = settings.image_token_id
+    labels = input_ids.masked_fill(input_ids == settings.image_token_id, -100)
+    images = torch.randn(2, 3, 64, 64)
+    reference = load_trained_model(trained)
+    half = load_trained_model(trained, dtype=torch.bfloat16)
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    with torch.no_grad():
+        torch.testing.assert_close(gather_logits(half(input_ids, images)).float(),
+                                   gather_logits(reference(input_ids, images)), rtol=0.05, atol=0.05)
+    checkpointed = load_trained_model(trained, activation_checkpointing=True)
+    assert checkpointed.llm.activation_checkpointing
+    grads = []
+    for model in (reference, checkpointed):
+        model.set_stage(Stage.FINETUNE)
+        loss_sum, _ = model.loss_terms(input_ids, images, labels)
+        loss_sum.backward()
+        grads.append(model.llm.decoder.layers[0].mlp.linear_fc1.weight.grad)
+    torch.testing.assert_close(grads[1], grads[0])
