@@ -15,12 +15,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from neva_core.data.templates import build_generation_prompt
+from neva_core.data.text_tokenizer import TextTokenizer
 from neva_core.errors import NevaError
 from neva_core.model.llm import KVCache, NevaLLM, gather_logits
 
 if TYPE_CHECKING:
-    from neva_core.data.text_tokenizer import TextTokenizer
-    from neva_core.model.neva import NevaModel
+    from neva_core.model.neva import NevaModel  # the vision side is only needed by callers that have one
 
 # Where a template's answer ends besides EOS: `plain` (pretraining) trains a caption followed by a newline.
 ANSWER_END = {"plain": "\n"}
@@ -49,12 +50,7 @@ def greedy_generate(
     prompt = prompt_ids if prompt_embeds is None else prompt_embeds
     batch, prompt_len = prompt.shape[:2]
     device = prompt.device
-    mask = torch.ones(batch, prompt_len, dtype=torch.bool, device=device) if attention_mask is None else (
-        attention_mask.to(device=device, dtype=torch.bool))
-    if mask.shape != (batch, prompt_len):
-        raise NevaError(f"attention_mask has shape {tuple(mask.shape)}, expected {(batch, prompt_len)}")
-    if not bool(mask.any(dim=-1).all()):
-        raise NevaError("every prompt needs at least one real token (a row of attention_mask is all False)")
+    mask = _prompt_mask(attention_mask, batch, prompt_len, device)
     stop_ids = torch.tensor(sorted({eos_id} if isinstance(eos_id, int) else set(eos_id or ())),
                             dtype=torch.long, device=device)
 
@@ -79,6 +75,18 @@ def greedy_generate(
         local_logits = llm(tokens.unsqueeze(1), position_ids=next_position.unsqueeze(1), kv_cache=cache)[:, 0]
         next_position = next_position + 1
     return [_until_stop(row, set(stop_ids.tolist())) for row in torch.stack(generated, dim=1).tolist()]
+
+
+def _prompt_mask(attention_mask: torch.Tensor | None, batch: int, prompt_len: int,
+                 device: torch.device) -> torch.Tensor:
+    if attention_mask is None:
+        return torch.ones(batch, prompt_len, dtype=torch.bool, device=device)
+    if attention_mask.shape != (batch, prompt_len):
+        raise NevaError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(batch, prompt_len)}")
+    mask = attention_mask.to(device=device, dtype=torch.bool)
+    if not bool(mask.any(dim=-1).all()):
+        raise NevaError("every prompt needs at least one real token (a row of attention_mask is all False)")
+    return mask
 
 
 def _until_stop(tokens: list[int], stop_ids: set[int]) -> list[int]:
@@ -110,8 +118,6 @@ def generate_answers(
 ) -> list[str]:
     """Greedy answers of `model` to one question per image (images [B, 3, S, S], preprocessed; None for
     text-only questions), each prompt built by `template` as in training."""
-    from neva_core.data.templates import build_generation_prompt
-
     if images is not None and images.shape[0] != len(questions):
         raise NevaError(f"{images.shape[0]} images for {len(questions)} questions: pass one image per question")
     prompts = [build_generation_prompt(template, question, tokenizer, model.image_tokens, has_image=images is not None)
