@@ -130,6 +130,9 @@ def test_mismatched_parts_are_refused(native_llm, projector, neva_fixtures, neva
         save_trained_model(tmp_path / "y", llm=native_llm, projector=projector, vision_dir=neva_fixtures.vision_dir,
                            tokenizer_dir=neva_tokenizer.out_dir, settings=wrong_projector)
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+    with pytest.raises(NevaError, match="prompt template 'vicuna' is not one of"):
+        TrainedModelConfig(family="llama", template="vicuna", projector_type="linear", image_size=64, patch_size=16,
+                           image_token_id=387)
 
 
 # -- HF LLaVA export ---------------------------------------------------------------------------------

@@ -44,6 +44,7 @@ from neva_core.checkpoint.safetensors_stream import (
     StreamingWriter,
     TensorSpec,
 )
+from neva_core.data.templates import TEMPLATES
 from neva_core.errors import NevaError
 from neva_core.io import (
     MANIFEST_NAME,
@@ -95,6 +96,8 @@ class TrainedModelConfig:
     vision_select_layer: int = DEFAULT_SELECT_LAYER
 
     def __post_init__(self) -> None:
+        if self.template not in TEMPLATES:
+            raise NevaError(f"prompt template {self.template!r} is not one of {', '.join(sorted(TEMPLATES))}")
         if self.projector_type not in PROJECTOR_TYPES:
             raise NevaError(f"projector type {self.projector_type!r} is not one of {', '.join(PROJECTOR_TYPES)}")
         if self.image_size <= 0 or self.patch_size <= 0 or self.image_size % self.patch_size:
