@@ -300,7 +300,8 @@ def import_llava_hf(hf_dir: Path | str, out_dir: Path | str, *, template: str) -
                         provenance=Provenance(source={"llava_hf": str(hf_dir.resolve())},
                                               original_vocab_size=parts.llm_config.vocab_size,
                                               hf_config=llava_config["text_config"]),
-                        tensors=((name, t.to(DTYPES[dtype])) for name, t in parts.llm_tensors()))
+                        tensors=((name, t.to(DTYPES[dtype])) for name, t in parts.llm_tensors()),
+                        wanted={"tp": 1, "dtype": dtype})
             vision_dir = staging_dir / VISION_DIR
             _write_vision_folder(vision_dir, parts.vision_config, parts.vision_tensors, image_processor)
             tokenizer_dir = staging_dir / TOKENIZER_DIR

@@ -236,7 +236,7 @@ def _write_llm(dest: Path, llm: Path | str | NevaLLM, dtype: str, provenance: Ma
     if isinstance(llm, NevaLLM):
         save_native(dest, llm.config, tp=1, dtype=dtype,
                     provenance=Provenance(source=dict(provenance or {}), original_vocab_size=llm.config.vocab_size),
-                    tensors=_full_llm_tensors(llm, dtype))
+                    tensors=_full_llm_tensors(llm, dtype), wanted={"tp": 1, "dtype": dtype})
         return
     source = Path(llm)
     verify_native(source, deep=False)
