@@ -101,8 +101,6 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _ours_step(folder: Path, config: dict[str, Any], args: argparse.Namespace, dtype: Any):
-    import torch
-
     from neva_core.llava import model_from_llava_state
     from neva_core.model.neva import Stage
     from neva_core.model.vision import read_state_dict

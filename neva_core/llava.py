@@ -5,8 +5,8 @@ The export holds what `LlavaForConditionalGeneration.from_pretrained` and `AutoP
 read: config.json (LlavaConfig: CLIP vision config, the LLM's HF config, image token, feature layer),
 safetensors weights under the names LLaVA's converter and the `llava-hf` repos use (TP merged, vocabulary
 padding trimmed, streamed one tensor at a time like the LLM-only export), and the processor files
-(image processor config, tokenizer, `processor_config.json` with the image token and patch size, and a
-chat template that renders the prompt the model was trained with).
+(image processor config, tokenizer, `processor_config.json` with the image token and patch size, and the
+prompt templates' chat template, which renders the prompt the model was trained with).
 """
 
 from __future__ import annotations
@@ -21,9 +21,23 @@ from typing import Any
 
 import torch
 
+from neva_core.checkpoint.convert import HFCheckpointReader, source_dtype
 from neva_core.checkpoint.hf import DTYPES, hf_config_from_llm, hf_tensor_shapes
-from neva_core.checkpoint.layout import NativeReader, Provenance, read_native_config, save_native, verify_native
-from neva_core.checkpoint.safetensors_stream import SafetensorsReader, TensorSpec, prefetched
+from neva_core.checkpoint.layout import (
+    NativeReader,
+    Provenance,
+    read_native_config,
+    save_native,
+    verify_native,
+)
+from neva_core.checkpoint.safetensors_stream import (
+    SafetensorsReader,
+    StreamingWriter,
+    TensorSpec,
+    prefetched,
+)
+from neva_core.data.templates import chat_template
+from neva_core.data.text_tokenizer import load_text_tokenizer
 from neva_core.errors import NevaError
 from neva_core.export import DEFAULT_MAX_SHARD_BYTES, write_hf_weights
 from neva_core.io import (
@@ -37,10 +51,19 @@ from neva_core.io import (
     write_json_atomic,
     write_manifest,
 )
-from neva_core.model.llava_hf import FILE_PREFIXES, hf_llm_file_tensors, llava_parts
-from neva_core.model.projector import hf_projector_activation, hf_projector_tensors, projector_type_of
+from neva_core.model.llava_hf import (
+    FILE_PREFIXES,
+    LlavaParts,
+    hf_llm_file_tensors,
+    llava_parts,
+)
 from neva_core.model.neva import NevaModel
 from neva_core.model.parallel import TPGroup
+from neva_core.model.projector import (
+    hf_projector_activation,
+    hf_projector_tensors,
+    projector_type_of,
+)
 from neva_core.model.trained import (
     LLM_DIR,
     PROJECTOR_FILE,
@@ -54,78 +77,28 @@ from neva_core.model.trained import (
     read_trained_config,
     save_trained_model,
 )
-from neva_core.model.vision import VisionTower, read_bin, read_state_dict, read_vision_config, read_vision_weights
+from neva_core.model.vision import (
+    VisionTower,
+    read_bin,
+    read_vision_config,
+    read_vision_weights,
+)
 
 log = logging.getLogger(__name__)
 
 EXPORT_FORMAT = "neva-llava-export"
 
 # ---------------------------------------------------------------------------------------------
-# Chat templates: the finetune prompt of each training template as a transformers chat template.
-# Messages are {"role": "system"|"user"|"assistant", "content": str | [{"type": "image"}, {"type": "text", ...}]};
-# an image item renders as the processor's image token (expanded to n copies by the processor).
-
-VICUNA_V1_SYSTEM = (
-    "A chat between a curious human and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the human's questions."
-)
-
-_CONTENT_MACRO = (
-    "{%- macro render(content, image_token, with_text) -%}"
-    "{%- if content is string -%}{%- if with_text -%}{{ content }}{%- endif -%}"
-    "{%- else -%}"
-    "{%- for item in content if item['type'] == 'image' -%}{{ image_token }}{%- endfor -%}"
-    "{%- if with_text -%}{%- for item in content if item['type'] == 'text' -%}"
-    "{%- if loop.first and content | selectattr('type', 'equalto', 'image') | list -%}{{ '\\n' }}{%- endif -%}"
-    "{{ item['text'] }}{%- endfor -%}{%- endif -%}"
-    "{%- endif -%}"
-    "{%- endmacro -%}"
-)
-
-
-def hf_chat_template(template: str, image_token: str) -> str:
-    """A Jinja chat template that renders `template`'s prompt (the literal LLaVA strings).
-
-    vicuna_v1: "{system} USER: <image>\\n{q} ASSISTANT: {a}</s>USER: {q2} ASSISTANT:" (the generation
-    prompt ends at "ASSISTANT:"). plain: the image tokens, then the caption and "\\n" (user text dropped).
-    The BOS token is left to the tokenizer, which adds it as in training.
-    """
-    token = json.dumps(image_token)
-    if template == "vicuna_v1":
-        return (
-            _CONTENT_MACRO
-            + "{%- set ns = namespace(system=" + json.dumps(VICUNA_V1_SYSTEM) + ") -%}"
-            "{%- if messages and messages[0]['role'] == 'system' -%}"
-            "{%- set ns.system = messages[0]['content'] if messages[0]['content'] is string "
-            "else messages[0]['content'][0]['text'] -%}{%- endif -%}"
-            "{{ ns.system }}"
-            "{%- for message in messages if message['role'] != 'system' -%}"
-            "{%- if message['role'] == 'user' -%}{{ ' USER: ' if loop.first else 'USER: ' }}"
-            "{{ render(message['content'], " + token + ", true) }}"
-            "{%- else -%}{{ ' ASSISTANT: ' }}{{ render(message['content'], " + token + ", true) }}{{ '</s>' }}"
-            "{%- endif -%}"
-            "{%- endfor -%}"
-            "{%- if add_generation_prompt -%}{{ ' ASSISTANT:' }}{%- endif -%}"
-        )
-    if template == "plain":
-        return (
-            _CONTENT_MACRO
-            + "{%- for message in messages -%}"
-            "{%- if message['role'] == 'user' -%}{{ render(message['content'], " + token + ", false) }}"
-            "{%- elif message['role'] == 'assistant' -%}{{ render(message['content'], " + token + ", true) }}{{ '\\n' }}"
-            "{%- endif -%}"
-            "{%- endfor -%}"
-        )
-    raise NevaError(f"no chat template for the {template!r} prompt template yet; supported: vicuna_v1, plain")
-
-
-# ---------------------------------------------------------------------------------------------
 # Export
 
 
-def export_llava(in_dir: Path | str, out_dir: Path | str, *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
+def export_llava(in_dir: Path | str, out_dir: Path | str, *,
+                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
     """Write the trained-model folder `in_dir` as an HF LLaVA folder `out_dir`; return it.
 
+    The chat template is the prompt templates' own (`neva_core.data.templates.chat_template`), which
+    reproduces the training prompt's ids. A `plain` (pretraining) model with a sentencepiece tokenizer
+    has none (no text gives its prompt, see there): it is exported without one, with a warning.
     The same export already at `out_dir` is reused; anything else there is refused.
     """
     in_dir, out_dir = Path(in_dir), Path(out_dir)
@@ -193,12 +166,13 @@ def _write_processor(dest: Path, folder: Path, settings: TrainedModelConfig) -> 
 
     tokenizer = AutoTokenizer.from_pretrained(folder / TOKENIZER_DIR)
     image_token = image_token_string(tokenizer, settings.image_token_id, folder / TOKENIZER_DIR)
+    template = _chat_template(settings, folder / TOKENIZER_DIR)
     processor = LlavaProcessor(
         image_processor=AutoImageProcessor.from_pretrained(folder / VISION_DIR),
         tokenizer=tokenizer,
         patch_size=settings.patch_size,
         vision_feature_select_strategy="default",
-        chat_template=hf_chat_template(settings.template, image_token),
+        chat_template=template,
         image_token=image_token,
         num_additional_image_tokens=1,  # the CLS token, which the "default" strategy drops again
     )
@@ -211,6 +185,22 @@ def _write_processor(dest: Path, folder: Path, settings: TrainedModelConfig) -> 
     if before & set(written):
         raise NevaError(f"the processor files {sorted(before & set(written))} clash with the model files")
     return written
+
+
+def _chat_template(settings: TrainedModelConfig, tokenizer_dir: Path) -> str | None:
+    text_tokenizer = load_text_tokenizer(tokenizer_dir)
+    if text_tokenizer.image_token_id != settings.image_token_id:
+        raise NevaError(
+            f"the model's image token id is {settings.image_token_id}, but the image_patch token of "
+            f"{tokenizer_dir} is id {text_tokenizer.image_token_id}; the tokenizer does not belong to this model"
+        )
+    try:
+        return chat_template(settings.template, text_tokenizer)
+    except NevaError as exc:
+        if settings.template != "plain":
+            raise
+        log.warning("exporting without a chat template: %s", exc)
+        return None
 
 
 def image_token_string(tokenizer: Any, image_token_id: int, tokenizer_dir: Path) -> str:
@@ -244,8 +234,7 @@ def model_from_llava_state(state: Mapping[str, torch.Tensor], llava_config: Mapp
                            template: str, tp_group: TPGroup = None, source: str = "the LLaVA weights") -> NevaModel:
     """A NevaModel (this rank of `tp_group`) holding an in-memory HF LLaVA model's weights."""
     parts = llava_parts(state, llava_config, source)
-    llm = build_llm(parts.llm_config, rank_tensors_from_full(parts.llm_tensors.items(), parts.llm_config, tp_group),
-                    tp_group)
+    llm = build_llm(parts.llm_config, rank_tensors_from_full(parts.llm_tensors(), parts.llm_config, tp_group), tp_group)
     vision = VisionTower.from_state(parts.vision_config, parts.vision_tensors, parts.vision_select_layer,
                                     source=source)
     settings = TrainedModelConfig(family=parts.llm_config.family, template=template,
@@ -260,51 +249,79 @@ _TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json"
 _MM_PROJECTOR_PREFIXES = ("model.mm_projector.", "mm_projector.")
 
 
+class _CheckpointTensors(Mapping[str, torch.Tensor]):
+    """An HF checkpoint folder as a mapping whose tensors are read from disk when looked up."""
+
+    def __init__(self, reader: HFCheckpointReader) -> None:
+        self._reader, self._names = reader, reader.names()
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._reader.read(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
 def import_llava_hf(hf_dir: Path | str, out_dir: Path | str, *, template: str) -> Path:
     """An `llava-hf/*`-style folder (LlavaForConditionalGeneration) as a trained-model folder `out_dir`.
 
-    `template` is the prompt template the model was finetuned with (LLaVA-1.5: vicuna_v1).
+    `template` is the prompt template the model was finetuned with (LLaVA-1.5: vicuna_v1). The LLM is
+    streamed tensor by tensor into its native rank file, in the checkpoint's dtype.
     """
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     config_path = hf_dir / "config.json"
     if not config_path.is_file():
         raise NevaError(f"{hf_dir} has no config.json; pass an HF LLaVA model folder")
+    if out_dir.exists():
+        raise NevaError(f"{out_dir} already exists; remove it or choose another output path")
     llava_config = json.loads(config_path.read_text())
-    parts = llava_parts(read_state_dict(hf_dir, "LLaVA"), llava_config, str(hf_dir))
     tokenizer_files = [name for name in _TOKENIZER_FILES if (hf_dir / name).is_file()]
     if not {"tokenizer.model", "tokenizer.json"} & set(tokenizer_files):
         raise NevaError(f"{hf_dir} holds no tokenizer (tokenizer.model or tokenizer.json)")
-    if out_dir.exists():
-        raise NevaError(f"{out_dir} already exists; remove it or choose another output path")
     image_processor = _image_processor_config(hf_dir)
-    dtype = _checkpoint_dtype(parts.llm_tensors)
-    settings = TrainedModelConfig(
-        family=parts.llm_config.family, template=template, projector_type=parts.projector_type,
-        image_size=parts.vision_config.image_size, patch_size=parts.vision_config.patch_size,
-        image_token_id=parts.image_token_id, vision_select_layer=parts.vision_select_layer,
-    )
-    staging_name = f"{out_dir.name}-import"
-    remove_stale_temps(out_dir.parent, staging_name)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging_dir = temp_name(out_dir.with_name(staging_name))  # beside out_dir, so the files hard-link
-    staging_dir.mkdir()
-    try:
-        save_native(staging_dir / LLM_DIR, parts.llm_config, tp=1, dtype=dtype,
-                    provenance=Provenance(source={"llava_hf": str(hf_dir.resolve())},
-                                          original_vocab_size=parts.llm_config.vocab_size,
-                                          hf_config=llava_config["text_config"]),
-                    tensors=((name, t.to(DTYPES[dtype])) for name, t in parts.llm_tensors.items()))
-        vision_dir = staging_dir / VISION_DIR
-        _write_vision_folder(vision_dir, parts.vision_config, parts.vision_tensors, image_processor)
-        tokenizer_dir = staging_dir / TOKENIZER_DIR
-        tokenizer_dir.mkdir()
-        for name in tokenizer_files:
-            shutil.copy2(hf_dir / name, tokenizer_dir / name)
-        return save_trained_model(out_dir, llm=staging_dir / LLM_DIR, projector=parts.projector_tensors,
-                                  vision_dir=vision_dir, tokenizer_dir=tokenizer_dir, settings=settings,
-                                  dtype=dtype, provenance={"imported_from": str(hf_dir.resolve())})
-    finally:
-        shutil.rmtree(staging_dir, ignore_errors=True)
+    with HFCheckpointReader(hf_dir) as reader:
+        parts = llava_parts(_CheckpointTensors(reader), llava_config, str(hf_dir))
+        dtype = source_dtype(llava_config, _RenamedReader(reader, parts))
+        settings = TrainedModelConfig(
+            family=parts.llm_config.family, template=template, projector_type=parts.projector_type,
+            image_size=parts.vision_config.image_size, patch_size=parts.vision_config.patch_size,
+            image_token_id=parts.image_token_id, vision_select_layer=parts.vision_select_layer,
+        )
+        staging_name = f"{out_dir.name}-import"
+        remove_stale_temps(out_dir.parent, staging_name)
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging_dir = temp_name(out_dir.with_name(staging_name))  # beside out_dir, so the files hard-link
+        staging_dir.mkdir()
+        try:
+            save_native(staging_dir / LLM_DIR, parts.llm_config, tp=1, dtype=dtype,
+                        provenance=Provenance(source={"llava_hf": str(hf_dir.resolve())},
+                                              original_vocab_size=parts.llm_config.vocab_size,
+                                              hf_config=llava_config["text_config"]),
+                        tensors=((name, t.to(DTYPES[dtype])) for name, t in parts.llm_tensors()))
+            vision_dir = staging_dir / VISION_DIR
+            _write_vision_folder(vision_dir, parts.vision_config, parts.vision_tensors, image_processor)
+            tokenizer_dir = staging_dir / TOKENIZER_DIR
+            tokenizer_dir.mkdir()
+            for name in tokenizer_files:
+                shutil.copy2(hf_dir / name, tokenizer_dir / name)
+            return save_trained_model(out_dir, llm=staging_dir / LLM_DIR, projector=parts.projector_tensors,
+                                      vision_dir=vision_dir, tokenizer_dir=tokenizer_dir, settings=settings,
+                                      dtype=dtype, provenance={"imported_from": str(hf_dir.resolve())})
+        finally:
+            shutil.rmtree(staging_dir, ignore_errors=True)
+
+
+class _RenamedReader:
+    """`spec` of the LLM's causal-LM names, for `source_dtype` when config.json declares no dtype."""
+
+    def __init__(self, reader: HFCheckpointReader, parts: LlavaParts) -> None:
+        self._reader, self._names = reader, parts.llm_hf.source_names
+
+    def spec(self, name: str) -> TensorSpec:
+        return self._reader.spec(self._names[name])
 
 
 def import_mm_projector(
@@ -356,11 +373,6 @@ def _read_safetensors_file(path: Path) -> dict[str, torch.Tensor]:
         return {name: reader.read(name) for name in reader.names()}
 
 
-def _checkpoint_dtype(tensors: dict[str, torch.Tensor]) -> str:
-    dtype = next(iter(tensors.values())).dtype
-    return next((name for name, value in DTYPES.items() if value == dtype), "fp32")
-
-
 def _image_processor_config(hf_dir: Path) -> dict[str, Any]:
     """The CLIP image processor settings: preprocessor_config.json, or (transformers 5) processor_config.json's
     `image_processor` entry."""
@@ -377,8 +389,6 @@ def _write_vision_folder(dest: Path, vision_config: Any, tensors: dict[str, torc
                          image_processor: dict[str, Any]) -> None:
     """A CLIPVisionModel folder: config.json, model.safetensors (`vision_model.` names, which every
     transformers release reads), preprocessor_config.json."""
-    from neva_core.checkpoint.safetensors_stream import StreamingWriter
-
     dest.mkdir(parents=True)
     config = {k: v for k, v in vision_config.to_dict().items() if k != "transformers_version"}
     write_json_atomic(dest / "config.json", {**config, "model_type": "clip_vision_model",

@@ -21,8 +21,8 @@ _TEXT = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_
              num_key_value_heads=4, max_position_embeddings=128, tie_word_embeddings=False)
 TEXT_CONFIGS = {
     "llama": ("LlamaConfig", dict(_TEXT)),
-    "mistral": ("MistralConfig", dict(_TEXT, sliding_window=4096)),
-    "qwen2": ("Qwen2Config", dict(_TEXT, use_sliding_window=False)),
+    "mistral": ("MistralConfig", dict(_TEXT, sliding_window=16)),  # shorter than the batch: the window binds
+    "qwen2": ("Qwen2Config", dict(_TEXT, use_sliding_window=False, tie_word_embeddings=True)),  # q/k/v bias, tied
 }
 
 

@@ -174,39 +174,34 @@ def test_export_is_reused_and_a_different_folder_is_refused(exported: Path, trai
         export_llava(trained, other)
 
 
-def test_chat_templates_render_the_literal_training_prompts(exported: Path) -> None:
+def test_export_chat_template_gives_the_training_prompt_ids(exported: Path, trained: Path) -> None:
     from transformers import AutoProcessor
 
-    from neva_core.llava import VICUNA_V1_SYSTEM, hf_chat_template
+    from neva_core.data.templates import build_generation_prompt
+    from neva_core.data.text_tokenizer import load_text_tokenizer
+    from neva_core.fixtures import draw_shape_image
 
     processor = AutoProcessor.from_pretrained(exported)
-    token = processor.image_token
-    messages = [
-        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]},
-        {"role": "assistant", "content": [{"type": "text", "text": "A red circle."}]},
-        {"role": "user", "content": [{"type": "text", "text": "Where?"}]},
-    ]
-    rendered = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    assert rendered == (f"{VICUNA_V1_SYSTEM} USER: {token}\nWhat is it? ASSISTANT: A red circle.</s>"
-                        f"USER: Where? ASSISTANT:")
-    from jinja2 import Template
-
-    plain = Template(hf_chat_template("plain", token)).render(
-        messages=[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "ignored"}]},
-                  {"role": "assistant", "content": "a red circle"}])
-    assert plain == f"{token}a red circle\n"
-    with pytest.raises(NevaError, match="no chat template"):
-        hf_chat_template("llama_2", token)
+    question = "What is shown?"
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    ids = processor(images=draw_shape_image(np.random.default_rng(0), "red", "circle", 64), text=prompt,
+                    return_tensors="pt")["input_ids"][0].tolist()
+    tokenizer = load_text_tokenizer(trained / "tokenizer")
+    assert ids == build_generation_prompt("vicuna_v1", question, tokenizer, 16)
 
 
 # -- import ------------------------------------------------------------------------------------------
 
 
-def test_llava_hf_folder_imports_to_the_same_model(exported: Path, trained: Path, tmp_path: Path) -> None:
+def test_llava_hf_folder_imports_to_the_same_model(trained: Path, tmp_path: Path) -> None:
     from neva_core.cli import main
+    from neva_core.llava import export_llava
 
+    sharded = export_llava(trained, tmp_path / "sharded", max_shard_bytes=100_000)  # read through its index
+    assert len(list(sharded.glob("model-*-of-*.safetensors"))) > 2
     out = tmp_path / "imported"
-    assert main(["import", "--llava-hf", str(exported), "--out", str(out), "--template", "vicuna_v1"]) == 0
+    assert main(["import", "--llava-hf", str(sharded), "--out", str(out), "--template", "vicuna_v1"]) == 0
     original, imported = load_trained_model(trained), load_trained_model(out, deep=True)
     for part in ("llm", "projector", "vision"):
         left, right = getattr(original, part).state_dict(), getattr(imported, part).state_dict()
@@ -237,3 +232,63 @@ def test_mm_projector_bin_imports_with_the_llm_tower_and_tokenizer(trained: Path
                  "--vision", str(neva_fixtures.vision_dir), "--tokenizer", str(neva_tokenizer.out_dir),
                  "--template", "vicuna_v1", "--out", str(tmp_path / "never")]) == 2
     assert not (tmp_path / "never").exists()
+
+
+def test_greedy_generation_of_the_export_equals_ours(exported: Path, trained: Path) -> None:
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from neva_core.fixtures import draw_shape_image
+    from neva_core.generate import greedy_generate
+
+    hf_model = LlavaForConditionalGeneration.from_pretrained(exported).eval()
+    processor = AutoProcessor.from_pretrained(exported)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe it."}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(images=draw_shape_image(np.random.default_rng(1), "blue", "square", 64), text=prompt,
+                       return_tensors="pt")
+    expected = hf_model.generate(**inputs, do_sample=False, max_new_tokens=12, eos_token_id=2, pad_token_id=0)
+    ours = load_trained_model(trained)
+    with torch.no_grad():
+        embeds = ours.embed(inputs["input_ids"], inputs["pixel_values"])
+    tokens = greedy_generate(ours.llm, prompt_embeds=embeds, eos_id=2, max_new_tokens=12)
+    new = expected[0, inputs["input_ids"].shape[1]:].tolist()
+    assert tokens[0] == [t for t in new[: new.index(2) if 2 in new else len(new)]]
+
+
+def test_bf16_and_activation_checkpointing_pass_through_on_load(trained: Path, settings) -> None:
+    from neva_core.model.neva import Stage
+
+    input_ids = torch.randint(3, 380, (2, 24))
+    input_ids[:, 1:17] = settings.image_token_id
+    labels = input_ids.masked_fill(input_ids == settings.image_token_id, -100)
+    images = torch.randn(2, 3, 64, 64)
+    reference = load_trained_model(trained)
+    half = load_trained_model(trained, dtype=torch.bfloat16)
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    with torch.no_grad():
+        torch.testing.assert_close(gather_logits(half(input_ids, images)).float(),
+                                   gather_logits(reference(input_ids, images)), rtol=0.05, atol=0.05)
+    checkpointed = load_trained_model(trained, activation_checkpointing=True)
+    assert checkpointed.llm.activation_checkpointing
+    grads = []
+    for model in (reference, checkpointed):
+        model.set_stage(Stage.FINETUNE)
+        loss_sum, _ = model.loss_terms(input_ids, images, labels)
+        loss_sum.backward()
+        grads.append(model.llm.decoder.layers[0].mlp.linear_fc1.weight.grad)
+    torch.testing.assert_close(grads[1], grads[0])
+
+
+def test_a_plain_pretraining_model_exports_without_a_chat_template(trained: Path, tmp_path: Path, settings,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    import dataclasses
+
+    from neva_core.llava import export_llava
+
+    plain = save_trained_model(tmp_path / "plain", llm=trained / "llm", projector=load_trained_model(trained).projector,
+                               vision_dir=trained / "vision", tokenizer_dir=trained / "tokenizer",
+                               settings=dataclasses.replace(settings, template="plain"))
+    with caplog.at_level("WARNING"):
+        out = export_llava(plain, tmp_path / "plain-hf")
+    assert "without a chat template" in caplog.text
+    assert not (out / "chat_template.jinja").exists() and (out / "model.safetensors").is_file()
