@@ -132,3 +132,21 @@ def test_missing_and_broken_folders(tmp_path: Path) -> None:
     (tmp_path / HF_TOKENIZER_FILE).write_text("{not json")
     with pytest.raises(NevaError, match="is not a Hugging Face tokenizer file"):
         load_text_tokenizer(tmp_path)
+
+
+def test_byte_level_chat_templates_reproduce_the_ids(byte_level_dir: Path) -> None:
+    """Without a dummy prefix every template, plain included, renders to our ids through transformers."""
+    from transformers import PreTrainedTokenizerFast
+
+    from neva_core.data.templates import TEMPLATES, chat_template
+
+    ours = load_text_tokenizer(byte_level_dir)
+    hf = PreTrainedTokenizerFast(tokenizer_file=str(byte_level_dir / HF_TOKENIZER_FILE), eos_token="<|im_end|>",
+                                 split_special_tokens=False)
+    record = [{"from": "human", "value": "<image>\nWhat colour is the shape?"}, {"from": "gpt", "value": "red"}]
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is the shape?"}]},
+                {"role": "assistant", "content": "red"}]
+    for template in TEMPLATES:
+        text = hf.apply_chat_template(messages, chat_template=chat_template(template, ours), tokenize=False)
+        assert hf(text.replace(QWEN_IMAGE, QWEN_IMAGE * 3)).input_ids == \
+            encode_conversation(template, record, ours, 3).input_ids, template

@@ -65,6 +65,10 @@ class SampleMismatch(NevaError):
         super().__init__(f"sample {sample_id or '<unnamed>'}: {reason}: {detail}")
 
 
+class _BadConversation(ValueError):
+    """A conversation the templates cannot lay out; becomes SampleMismatch(BAD_CONVERSATION)."""
+
+
 @dataclass(frozen=True)
 class EncodedSample:
     input_ids: list[int]
@@ -133,7 +137,7 @@ class _Context:
 
 def _plain(rounds: Sequence[Round], ctx: _Context) -> list[Segment]:
     if len(rounds) != 1 or not rounds[0].has_image:
-        raise ValueError("plain (pretraining) needs one human turn with <image> and one answer")
+        raise _BadConversation("plain (pretraining) needs one human turn with <image> and one answer")
     segments: list[Segment] = [*ctx.bos, ctx.image()]
     if rounds[0].answer is not None:
         segments.append(Text(rounds[0].answer + "\n", trained=True))
@@ -187,34 +191,35 @@ def _builder(template: str) -> Callable[[Sequence[Round], _Context], list[Segmen
 
 
 def parse_rounds(conversations: Any) -> list[Round]:
-    """LLaVA turns ({"from": "human"/"gpt", "value": ...}) as question/answer rounds; ValueError if malformed.
+    """LLaVA turns ({"from": "human"/"gpt", "value": ...}) as question/answer rounds.
 
     A leading gpt turn is dropped (as LLaVA does), so is a last human turn without an answer (it trains
     nothing). `<image>` may appear once, in a human turn; it is moved to the front of the turn.
+    Raises _BadConversation (a ValueError) otherwise.
     """
     if not isinstance(conversations, list) or not all(isinstance(t, dict) for t in conversations):
-        raise ValueError("conversations must be a list of {from, value} objects")
+        raise _BadConversation("conversations must be a list of {from, value} objects")
     turns = list(conversations)
     if turns and turns[0].get("from") == GPT:
         turns = turns[1:]
     if len(turns) % 2:
         turns = turns[:-1]
     if not turns:
-        raise ValueError("no human turn followed by a gpt answer")
+        raise _BadConversation("no human turn followed by a gpt answer")
     rounds, images = [], 0
     for position in range(0, len(turns), 2):
         human, gpt = turns[position], turns[position + 1]
         if human.get("from") != HUMAN or gpt.get("from") != GPT:
-            raise ValueError(f"turns {position} and {position + 1} are not a human turn and a gpt answer")
+            raise _BadConversation(f"turns {position} and {position + 1} are not a human turn and a gpt answer")
         question, answer = human.get("value"), gpt.get("value")
         if not isinstance(question, str) or not isinstance(answer, str):
-            raise ValueError(f"turn {position} or {position + 1} has no string value")
+            raise _BadConversation(f"turn {position} or {position + 1} has no string value")
         if IMAGE_TAG in answer:
-            raise ValueError(f"the gpt turn {position + 1} contains {IMAGE_TAG}")
+            raise _BadConversation(f"the gpt turn {position + 1} contains {IMAGE_TAG}")
         tags = question.count(IMAGE_TAG)
         images += tags
         if images > 1:
-            raise ValueError(f"more than one {IMAGE_TAG}: one image per sample is supported")
+            raise _BadConversation(f"more than one {IMAGE_TAG}: one image per sample is supported")
         if tags:
             question = question.replace(IMAGE_TAG, "").strip()
         rounds.append(Round(question, answer, has_image=bool(tags)))
@@ -301,7 +306,7 @@ def encode_conversation(template: str, conversations: list[dict[str, Any]], toke
     try:
         rounds = parse_rounds(conversations)
         segments = builder(rounds, ctx)
-    except ValueError as exc:
+    except _BadConversation as exc:
         raise SampleMismatch(sample_id, BAD_CONVERSATION, str(exc)) from None
     input_ids, labels = _encode_segments(segments, tokenizer, sample_id)
     return EncodedSample(input_ids, labels, image_count=sum(r.has_image for r in rounds))
@@ -314,7 +319,7 @@ def build_generation_prompt(template: str, question: str, tokenizer: TextTokeniz
     question = question.replace(IMAGE_TAG, "").strip() if has_image else question
     try:
         segments = builder([Round(question, None, has_image=has_image)], ctx)
-    except ValueError as exc:
+    except _BadConversation as exc:
         raise NevaError(f"template {template!r} cannot build this prompt: {exc}") from None
     input_ids, _ = _encode_segments(segments, tokenizer, sample_id="generation prompt")
     return input_ids
