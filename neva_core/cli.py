@@ -22,6 +22,8 @@ COMMAND_MODULES = (
     "convert",
     "repartition",
     "export",
+    "llava_import",
+    "generate",
     "demo",
     "eval",
     "run",
