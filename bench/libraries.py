@@ -13,10 +13,12 @@ The rule (README): a replacement stays only where the library is >= 1.5x slower 
   shard writer recorded, against energon's own `WebdatasetPreparator.prepare_dataset` (which re-reads the
   tars); each in a fresh process: wall seconds and peak RSS of its process tree (the other metadata files
   are the same few small files either way).
-* safetensors: reading every tensor of a TinyLlama-1.1B-shaped checkpoint (2.2 GB, warm in the page
-  cache) with `SafetensorsReader` against `safetensors.safe_open(...).get_tensor`; fresh process each:
-  wall seconds and peak RSS (which counts the file pages a mapping holds). The hashing reads of native
-  checkpoints (`hash_name`) have no library counterpart: safe_open would need a second pass over the file.
+* safetensors, streaming: `neva convert` of a TinyLlama-1.1B-shaped checkpoint (2.2 GB, warm in the page
+  cache) reading its input with `SafetensorsReader` against `safetensors.safe_open(...).get_tensor`;
+  fresh process each: wall seconds and peak RSS (which counts the file pages a mapping holds). The
+  hashing reads of native checkpoints (`hash_name`) have no library counterpart (safe_open would need a
+  second pass over the file).
+* safetensors, whole file: every tensor of that file loaded into a dict, ours against `safe_open`.
 
 Runs are interleaved and repeated (`--repeats`, medians): the machine is shared.
 
@@ -217,18 +219,51 @@ def run_child(step: str, args: list[str]) -> None:
         names = json.loads((folder / "manifest.json").read_text())["splits"]["train"]["shards"]
         WebdatasetPreparator.prepare_dataset(folder, names, split_parts_patterns=[("train", r"^train-.*")],
                                              workers=int(args[1]))
-    elif step == "read-ours":
+    elif step == "load-ours":
         from neva_core.checkpoint.safetensors_stream import SafetensorsReader
 
         with SafetensorsReader(Path(args[0])) as reader:
-            for name in reader.names():
-                reader.read(name)
-    elif step == "read-safe_open":
-        from safetensors import safe_open
+            print(len({name: reader.read(name) for name in reader.names()}))
+    elif step == "load-safe_open":
+        from neva_core.checkpoint.safetensors_stream import load_safetensors
 
-        with safe_open(args[0], framework="pt") as opened:
-            for name in opened.keys():
-                opened.get_tensor(name)
+        print(len(load_safetensors(Path(args[0]))))
+    elif step.startswith("convert-"):
+        from neva_core.checkpoint import convert
+
+        if step == "convert-safe_open":
+            convert.SafetensorsReader = SafeOpenReader  # type: ignore[misc]
+        convert.convert_hf_checkpoint(Path(args[0]), Path(args[1]), tp=1)
+
+
+class SafeOpenReader:
+    """The HF input reader's interface over safetensors' own `safe_open`."""
+
+    def __init__(self, path: Path) -> None:
+        from neva_core.checkpoint.safetensors_stream import open_safetensors
+
+        self.opened = open_safetensors(path)
+
+    def names(self) -> list[str]:
+        return list(self.opened.keys())
+
+    def spec(self, name: str) -> Any:
+        from neva_core.checkpoint.safetensors_stream import _CODE_DTYPES, TensorSpec
+
+        stored = self.opened.get_slice(name)
+        return TensorSpec(name, _CODE_DTYPES[stored.get_dtype()], tuple(stored.get_shape()))
+
+    def read(self, name: str) -> Any:
+        return self.opened.get_tensor(name)
+
+    def close(self) -> None:
+        self.opened = None
+
+    def __enter__(self) -> SafeOpenReader:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
 
 def _shard_copy(source: Path, dest: Path) -> None:
@@ -253,18 +288,27 @@ def bench_energon(shards: Path, work: Path, repeats: int) -> dict[str, Any]:
     return _process_result(runs, "ours", "energon", samples=json.loads((shards / "manifest.json").read_text())["written"])
 
 
-def bench_safetensors(checkpoint: Path, repeats: int) -> dict[str, Any]:
+def _warm(folder: Path) -> None:
+    for path in folder.glob("*.safetensors"):  # our reader drops what it read from the cache
+        with open(path, "rb") as f:
+            while f.read(8 << 20):
+                pass
+
+
+def bench_safetensors(checkpoint: Path, work: Path, repeats: int) -> dict[str, Any]:
     path = next(checkpoint.glob("*.safetensors"))
-    runs: dict[str, list[dict[str, float]]] = {"ours": [], "safe_open": []}
+    streaming: dict[str, list[dict[str, float]]] = {"ours": [], "safe_open": []}
+    whole: dict[str, list[dict[str, float]]] = {"ours": [], "safe_open": []}
     for _ in range(repeats):
-        for name in runs:
-            with open(path, "rb") as f:  # warm: our reader drops what it read from the cache
-                while f.read(8 << 20):
-                    pass
-            runs[name].append(measure(child(f"read-{name}", str(path))))
-    result = _process_result(runs, "ours", "safe_open")
-    result["file_gb"] = round(path.stat().st_size / 1e9, 2)
-    return result
+        for name in streaming:
+            _warm(checkpoint)
+            streaming[name].append(measure(child(f"convert-{name}", str(checkpoint), str(work / "native"))))
+            shutil.rmtree(work / "native")
+            _warm(checkpoint)
+            whole[name].append(measure(child(f"load-{name}", str(path))))
+    return {"file_gb": round(path.stat().st_size / 1e9, 2),
+            "streaming_convert_input": _process_result(streaming, "ours", "safe_open"),
+            "whole_file_load": _process_result(whole, "ours", "safe_open")}
 
 
 def _process_result(runs: dict[str, list[dict[str, float]]], ours: str, library: str, **extra: Any) -> dict[str, Any]:
@@ -321,7 +365,7 @@ def main() -> None:
             "jpeg": bench_jpeg(pictures, args.repeats),
             "tar": bench_tar(pictures, work, args.repeats),
             "energon_index": bench_energon(shards, work, args.repeats),
-            "safetensors_read": bench_safetensors(args.checkpoint or make_checkpoint(work), args.repeats),
+            "safetensors": bench_safetensors(args.checkpoint or make_checkpoint(work), work, args.repeats),
             "rule": {"keep_if_library_slower_by": KEEP_IF_SLOWER, "keep_if_library_memory_by": KEEP_IF_MEMORY},
         }
     finally:

@@ -31,9 +31,9 @@ from neva_core.checkpoint.layout import (
     verify_native,
 )
 from neva_core.checkpoint.safetensors_stream import (
-    SafetensorsReader,
     StreamingWriter,
     TensorSpec,
+    load_safetensors,
     prefetched,
 )
 from neva_core.data.templates import chat_template
@@ -370,8 +370,7 @@ def import_mm_projector(
 def _read_safetensors_file(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise NevaError(f"{path} does not exist")
-    with SafetensorsReader(path) as reader:
-        return {name: reader.read(name) for name in reader.names()}
+    return load_safetensors(path)
 
 
 def _image_processor_config(hf_dir: Path) -> dict[str, Any]:

@@ -16,7 +16,6 @@ from types import TracebackType
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from neva_core.checkpoint.hf import (
     DTYPES,
@@ -32,7 +31,7 @@ from neva_core.checkpoint.hf import (
 )
 from neva_core.checkpoint.layout import NativeCheckpoint, Provenance, save_native
 from neva_core.checkpoint.partition import Split, split_kind, tensor_names
-from neva_core.checkpoint.safetensors_stream import TensorSpec, dtype_of_code
+from neva_core.checkpoint.safetensors_stream import SafetensorsReader, TensorSpec
 from neva_core.errors import NevaError
 from neva_core.fingerprint import path_fingerprint
 from neva_core.io import MANIFEST_NAME
@@ -51,15 +50,14 @@ class HFCheckpointReader:
     """Lazy, one-tensor-at-a-time access to an HF checkpoint folder.
 
     Handles model.safetensors, sharded safetensors (via model.safetensors.index.json), pytorch_model.bin
-    and sharded .bin. Safetensors are read with the official library (`safe_open`: as fast as plain reads
-    and no more memory, the README's figure); .bin files are opened with
-    `torch.load(weights_only=True, mmap=True)`, one shard at a time.
+    and sharded .bin. Safetensors are read with plain reads (see safetensors_stream); .bin files are
+    opened with `torch.load(weights_only=True, mmap=True)`, one shard at a time.
     """
 
     def __init__(self, hf_dir: Path):
         self.hf_dir = hf_dir
         self.weight_map, self.is_safetensors = _weight_map(hf_dir)
-        self._safetensors: dict[str, Any] = {}  # file -> its safe_open handle
+        self._safetensors: dict[str, SafetensorsReader] = {}
         self._bin_shard: tuple[str, dict[str, torch.Tensor]] | None = None
 
     @property
@@ -71,8 +69,7 @@ class HFCheckpointReader:
 
     def spec(self, name: str) -> TensorSpec:
         if self.is_safetensors:
-            stored = self._safetensors_file(self.weight_map[name]).get_slice(name)
-            return TensorSpec(name, dtype_of_code(stored.get_dtype()), tuple(stored.get_shape()))
+            return self._safetensors_reader(self.weight_map[name]).spec(name)
         tensor = self._bin_tensors(self.weight_map[name])[name]
         return TensorSpec(name, tensor.dtype, tuple(tensor.shape))
 
@@ -80,16 +77,12 @@ class HFCheckpointReader:
         if name not in self.weight_map:
             raise NevaError(f"{self.hf_dir} has no tensor {name!r}; the checkpoint is incomplete or of another model")
         if self.is_safetensors:
-            file = self.weight_map[name]
-            try:
-                return self._safetensors_file(file).get_tensor(name)
-            except SafetensorError as exc:
-                raise _invalid_safetensors(self.hf_dir / file, exc) from exc
+            return self._safetensors_reader(self.weight_map[name]).read(name)
         return self._bin_tensors(self.weight_map[name])[name]
 
-    def _safetensors_file(self, file: str) -> Any:
+    def _safetensors_reader(self, file: str) -> SafetensorsReader:
         if file not in self._safetensors:
-            self._safetensors[file] = _open_safetensors(self.hf_dir / file)
+            self._safetensors[file] = SafetensorsReader(self.hf_dir / file)
         return self._safetensors[file]
 
     def _bin_tensors(self, file: str) -> dict[str, torch.Tensor]:
@@ -101,7 +94,9 @@ class HFCheckpointReader:
         return self._bin_shard[1]
 
     def close(self) -> None:
-        self._safetensors.clear()  # safe_open handles close when dropped
+        for reader in self._safetensors.values():
+            reader.close()
+        self._safetensors.clear()
         self._bin_shard = None
 
     def __enter__(self) -> HFCheckpointReader:
@@ -128,21 +123,9 @@ def _weight_map(hf_dir: Path) -> tuple[dict[str, str], bool]:
 
 def _tensor_names_of(path: Path, is_safetensors: bool) -> list[str]:
     if is_safetensors:
-        return list(_open_safetensors(path).keys())
+        with SafetensorsReader(path) as reader:
+            return reader.names()
     return list(_load_bin(path))
-
-
-def _open_safetensors(path: Path) -> Any:
-    try:
-        return safe_open(path, framework="pt")
-    except SafetensorError as exc:
-        raise _invalid_safetensors(path, exc) from exc
-    except OSError as exc:
-        raise NevaError(f"cannot open {path}: {exc.strerror or exc}") from exc
-
-
-def _invalid_safetensors(path: Path, exc: Exception) -> NevaError:
-    return NevaError(f"{path} is not a valid safetensors file ({exc}); the file is damaged or truncated")
 
 
 def _read_index(path: Path) -> dict[str, str]:

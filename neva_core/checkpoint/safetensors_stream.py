@@ -3,12 +3,14 @@
 A safetensors file is an 8-byte little-endian header length, a JSON header giving every tensor's dtype,
 shape and byte range, then the raw bytes. The header must come first, so `StreamingWriter` takes the
 full plan (names, dtypes, shapes) up front, writes the header, then appends each tensor's bytes in plan
-order as soon as the caller has formed it, hashing as it goes (`io.OUTPUT_HASH`). Nothing but the current tensor is ever
-held. The result loads with the official `safetensors` library.
+order as soon as the caller has formed it, hashing as it goes (`io.OUTPUT_HASH`). Nothing but the
+current tensor is ever held. The result loads with the official `safetensors` library.
 
-`SafetensorsReader` reads tensors with `os.preadv` into fresh buffers instead of memory-mapping the file:
-touched pages of a mapping stay in the process's RSS for as long as the file is mapped, so a mapped
-13 GB checkpoint would grow RSS to 13 GB. It can also hash the bytes it reads in file order, so a caller
+A file loaded whole into a dict is read with the official library (`load_safetensors`): as fast, and its
+tensors are all held anyway. Streaming a checkpoint is not (`bench/libraries.py`): `SafetensorsReader`
+reads tensors with `os.preadv` into fresh buffers instead of memory-mapping the file, as `safe_open`
+does: touched pages of a mapping stay in the process's RSS for as long as the file is mapped, so a
+mapped 13 GB checkpoint would grow RSS to 13 GB. It can also hash the bytes it reads in file order, so a caller
 that reads every tensor in order gets the file's digest for free (`digest()` reads any remainder).
 
 Both hash (and the writer writes) on a helper thread (`OneBehind`), and the stages run their tensor
@@ -32,6 +34,7 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from neva_core.errors import NevaError
 from neva_core.io import OUTPUT_HASH, new_hasher
@@ -103,13 +106,6 @@ def dtype_code(dtype: torch.dtype) -> str:
     if dtype not in _DTYPE_CODES:
         raise NevaError(f"tensor dtype {dtype} cannot be stored in safetensors by neva")
     return _DTYPE_CODES[dtype]
-
-
-def dtype_of_code(code: str) -> torch.dtype:
-    """The torch dtype of a safetensors dtype code ("BF16", "F32", ...)."""
-    if code not in _CODE_DTYPES:
-        raise NevaError(f"safetensors dtype {code!r} is not supported by neva")
-    return _CODE_DTYPES[code]
 
 
 def encode_header(specs: Iterable[TensorSpec], metadata: Mapping[str, str] | None = None) -> bytes:
@@ -214,6 +210,23 @@ class StreamingWriter:
             self.close()
         else:
             self.abort()
+
+
+def open_safetensors(path: Path) -> Any:
+    """The official library's lazy handle on a safetensors file (`keys`, `get_slice`, `get_tensor`); a damaged
+    file is a NevaError naming it."""
+    try:
+        return safe_open(path, framework="pt")
+    except SafetensorError as exc:
+        raise NevaError(f"{path} is not a valid safetensors file ({exc}); the file is damaged or truncated") from exc
+    except OSError as exc:
+        raise NevaError(f"cannot open {path}: {exc.strerror or exc}") from exc
+
+
+def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file, read with the official library."""
+    opened = open_safetensors(path)
+    return {name: opened.get_tensor(name) for name in opened.keys()}
 
 
 @dataclass(frozen=True)

@@ -40,9 +40,9 @@ from neva_core.checkpoint.layout import (
 )
 from neva_core.checkpoint.partition import merge_tensor, split_tensor, tensor_names
 from neva_core.checkpoint.safetensors_stream import (
-    SafetensorsReader,
     StreamingWriter,
     TensorSpec,
+    load_safetensors,
 )
 from neva_core.data.templates import TEMPLATES
 from neva_core.errors import NevaError
@@ -326,8 +326,7 @@ def read_trained_config(folder: Path | str, deep: bool = False) -> tuple[Path, T
 
 
 def read_projector(path: Path) -> dict[str, torch.Tensor]:
-    with SafetensorsReader(path) as reader:
-        return {name: reader.read(name) for name in reader.names()}
+    return load_safetensors(path)
 
 
 def load_trained_model(folder: Path | str, tp_group: TPGroup = None, dtype: torch.dtype | None = None,

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from neva_core.checkpoint.safetensors_stream import SafetensorsReader
+from neva_core.checkpoint.safetensors_stream import load_safetensors
 from neva_core.errors import NevaError
 
 DEFAULT_SELECT_LAYER = -2  # LLaVA / NeVA: the penultimate layer's hidden states
@@ -105,8 +105,7 @@ def _indexed_files(index: Path) -> list[str]:
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise NevaError(f"{path} is missing; download the vision tower again")
-    with SafetensorsReader(path) as reader:
-        return {name: reader.read(name) for name in reader.names()}
+    return load_safetensors(path)
 
 
 def read_bin(path: Path) -> dict[str, torch.Tensor]:
