@@ -191,6 +191,7 @@ def convert_against_copy(source: Path, work: Path, cache: str, repeats: int) -> 
         "median_copy_s": copy_s,
         "median_convert_s": convert_s,
         "convert_vs_copy": round(convert_s / copy_s, 2),
+        "convert_vs_copy_per_pair": [round(c["seconds"] / d["seconds"], 2) for c, d in zip(converts, copies)],
         "convert_peak_rss_mb": max(r["peak_rss_mb"] for r in converts),
     }
 
