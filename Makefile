@@ -11,6 +11,7 @@ TORCH ?= torch==2.13.0
 # make bench BENCH_CONVERT_ARGS="--model 7b".
 BENCH_SHARD_ARGS ?=
 BENCH_CONVERT_ARGS ?=
+BENCH_LIBRARIES_ARGS ?=
 
 .PHONY: demo test install clean bench
 
@@ -32,6 +33,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/shard.py $(BENCH_SHARD_ARGS)
 	$(BIN)/python bench/convert.py $(BENCH_CONVERT_ARGS)
+	$(BIN)/python bench/libraries.py $(BENCH_LIBRARIES_ARGS)
 
 clean:
 	rm -rf demo-run .pytest_cache
