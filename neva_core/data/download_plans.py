@@ -38,8 +38,6 @@ from neva_core.data.download_transfer import STATE_DIR, Opener, RemoteFile, Stat
 log = logging.getLogger(__name__)
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
-
-
 ALTERNATIVES = "|"  # separates the alternatives of one include pattern (see `select_paths`)
 
 

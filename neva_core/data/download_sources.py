@@ -7,14 +7,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-
 from neva_core.data.download_http import display_url
 from neva_core.errors import NevaError
 
 
 _HUB_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
-
-
 _HUB_FORMS = "hf://<org>/<name>[/<path>][@revision] or hf://datasets/<org>/<name>[/<path>][@revision]"
 
 

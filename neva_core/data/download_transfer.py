@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ContextManager
 
-
 from neva_core.data.download_http import CHUNK_BYTES, RangeResponse, Retrier, RetryPolicy
 from neva_core.errors import NevaError, TransientError
 from neva_core.io import file_lock, fsync_dir, write_json_atomic
@@ -26,8 +25,6 @@ from neva_core.io import file_lock, fsync_dir, write_json_atomic
 log = logging.getLogger(__name__)
 
 STATE_DIR = ".neva-download"
-
-
 _PROGRESS_EVERY_S = 10.0
 
 

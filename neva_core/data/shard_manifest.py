@@ -15,14 +15,8 @@ from neva_core.errors import NevaError
 from neva_core.io import MANIFEST_NAME, atomic_file, file_entry, read_manifest, verify_files
 
 STATE_DIR = ".neva-shard"
-
-
 RUN_RECORD = "run.json"
-
-
 SKIPPED_NAME = "skipped.jsonl"
-
-
 STAGE = "shard"
 
 

@@ -19,14 +19,8 @@ from neva_core.data.records import DUPLICATE_ID, Skip, ValidRecord, iter_json_li
 from neva_core.errors import NevaError
 
 DEFAULT_MAXCOUNT = 10000  # Megatron-LM's convert_llava_pretrain_to_wds.py uses the same
-
-
 DEFAULT_VAL_FRACTION = 0.0  # the LLaVA recipes pretrain on every record; opt in to a validation split
-
-
 TRAIN, VAL = "train", "val"
-
-
 _RECORD_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))  # compact, UTF-8 kept as is
 
 

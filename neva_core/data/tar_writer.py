@@ -12,26 +12,12 @@ from neva_core.data.direct_writer import ChunkedWriter
 from neva_core.io import fsync_dir, temp_name
 
 _TAR_BLOCK = 512
-
-
 _ZERO_BLOCK = bytes(_TAR_BLOCK)
-
-
 _TAR_RECORD = 20 * _TAR_BLOCK  # tarfile pads archives to whole records; so do we
-
-
 _USTAR_MAX_SIZE = 8**11 - 1
-
-
 _USTAR_BEFORE_SIZE = b"0000644\0" + b"0000000\0" + b"0000000\0"
-
-
 _USTAR_AFTER_SIZE = b"00000000000\0"  # mtime 0
-
-
 _USTAR_AFTER_CHECKSUM = b"0" + b"\0" * 100 + b"ustar\x0000" + b"\0" * (32 + 32 + 8 + 8 + 155 + 12)
-
-
 # The checksum is the byte sum of the header with its own 8-byte field read as spaces.
 _USTAR_FIXED_SUM = sum(_USTAR_BEFORE_SIZE + _USTAR_AFTER_SIZE + b" " * 8 + _USTAR_AFTER_CHECKSUM)
 
