@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,7 +15,6 @@ IMAGE_TOKEN_ID = 3
 IMAGE_TOKENS = 4
 IMAGE_SIZE = 8
 PAD_ID = 0
-SKIP_MARK = "SKIP-ME"
 
 
 def char_ids(text: str) -> list[int]:
@@ -25,12 +25,16 @@ def char_ids(text: str) -> list[int]:
 class CharEncoder:
     """Human turns untrained, answers trained; `<image>` becomes IMAGE_TOKENS image tokens.
 
-    A record whose first answer contains SKIP_MARK raises SkipRecord; `skip_ids` names more of them."""
+    A record named in `skip_ids` raises SkipRecord."""
 
     skip_ids: frozenset[str] = frozenset()
+    call_log: str | None = None  # a file that gets "<pid> <id>" per call (calls happen in worker processes)
 
     def __call__(self, record: RawRecord) -> EncodedRecord:
-        if record.id in self.skip_ids or SKIP_MARK in record.conversations[-1]["value"]:
+        if self.call_log is not None:
+            with open(self.call_log, "a") as log:
+                log.write(f"{os.getpid()} {record.id}\n")
+        if record.id in self.skip_ids:
             raise SkipRecord("marked to be skipped")
         input_ids, labels = [1], [IGNORE_INDEX]  # BOS, untrained
         for turn in record.conversations:

@@ -335,8 +335,8 @@ def _dataset_id(shards: Path) -> str:
 class TrainLoader:
     """Endless training batches for one DP rank, with exact resume (`state_dict` / `load_state_dict`).
 
-    Iterating yields batches until the caller stops; iterate again (after `load_state_dict`, say) and it
-    continues where it stopped. Worker processes start on the first batch and stay for the loader's life.
+    Iterating yields batches until the caller stops; iterate again and it continues where it stopped.
+    Worker processes start on the first batch and stay until `close()` (or the end of a `with` block).
     """
 
     def __init__(self, config: LoaderConfig) -> None:
@@ -379,6 +379,20 @@ class TrainLoader:
                 f"max_skip_fraction {self.config.max_skip_fraction} (last: {batch.skipped[-1].id!r}: "
                 f"{batch.skipped[-1].reason}); check the template and the data, or raise the limit"
             )
+
+    def close(self) -> None:
+        """Stop the worker processes now. Leaving it to garbage collection can cost each worker a
+        5-second timeout in torch's shutdown (the index queue may be collected before the None that
+        tells the worker to exit is sent)."""
+        if self._iterator is not None:
+            self._iterator.close()
+        _stop_workers(self._loader)
+
+    def __enter__(self) -> TrainLoader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     @property
     def stats(self) -> dict[str, int]:
@@ -432,6 +446,13 @@ def _get(state: Any, key: str) -> Any:
     return state.get(key) if isinstance(state, dict) else None
 
 
+def _stop_workers(loader: torch.utils.data.DataLoader) -> None:
+    workers = getattr(loader, "_iterator", None)  # where torch keeps persistent workers
+    if workers is not None and hasattr(workers, "_shutdown_workers"):
+        workers._shutdown_workers()
+    loader._iterator = None
+
+
 def _samples_per_rank(dataset: Any) -> int:
     """This rank's share of the split, in samples (energon's length below the batching)."""
     from megatron.energon.wrappers.batch_dataset import BatchDataset
@@ -463,3 +484,13 @@ class ValLoader:
 
     def __iter__(self) -> Iterator[Batch]:
         return iter(self._loader)
+
+    def close(self) -> None:
+        """Stop the worker processes now (see `TrainLoader.close`)."""
+        _stop_workers(self._loader)
+
+    def __enter__(self) -> ValLoader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
