@@ -10,6 +10,7 @@ import dataclasses
 import io
 import json
 import os
+import threading
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ from neva_core.errors import NevaError
 COPIES = 4  # the 64 instruct records, four times under new ids: epochs long enough to resume inside
 BATCH = 2
 WORKERS = 2
+AUGMENTING = CharEncoder(augment=True)  # random numbers in the encoder: a resume must replay them too
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +101,7 @@ def expected_row(source: dict[str, Any], sample_id: str, max_length: int) -> tup
 
 @pytest.fixture(scope="module")
 def reference(source) -> dict[str, Any]:
-    loaders = [TrainLoader(config(source, dp_rank=rank, dp_size=2)) for rank in range(2)]
+    loaders = [TrainLoader(config(source, dp_rank=rank, dp_size=2, encoder=AUGMENTING)) for rank in range(2)]
     per_epoch = [loader.samples_per_epoch for loader in loaders]
     epoch = min(per_epoch) // BATCH  # batches
     save_at = [epoch // 2, epoch, epoch + 1, epoch + epoch // 2]
@@ -135,7 +137,7 @@ def test_resumed_loaders_continue_exactly_as_the_uninterrupted_run(reference, so
     at = reference["save_at"][point]
     for rank in range(2):
         state = json.loads(reference["states"][rank][at])
-        with TrainLoader(config(source, dp_rank=rank, dp_size=2)) as loader:
+        with TrainLoader(config(source, dp_rank=rank, dp_size=2, encoder=AUGMENTING)) as loader:
             loader.load_state_dict(state)
             assert loader.stats == reference["stats"][rank][at]
             resumed = take(loader, reference["total"] - at)
@@ -153,7 +155,7 @@ def test_resume_replays_a_few_batches_not_the_epoch(reference, source, tmp_path)
     into_epoch = at * BATCH - reference["samples_per_epoch"][0]
     assert into_epoch > 0 and replayed * BATCH < into_epoch
     calls = tmp_path / "calls.txt"
-    with TrainLoader(config(source, dp_size=2, encoder=CharEncoder(call_log=str(calls)))) as loader:
+    with TrainLoader(config(source, dp_size=2, encoder=CharEncoder(call_log=str(calls), augment=True))) as loader:
         loader.load_state_dict(state)
         first = take(loader, 1)[0]
     assert first.sample_ids == reference["runs"][0][at].sample_ids
@@ -225,6 +227,16 @@ def test_batches_follow_the_records_truncated_padded_and_skipped(source, tmp_pat
     assert set(chosen) <= set(reasons)
     assert loader.stats["skipped"] == sum(len(batch.skipped) for batch in batches)
     assert {int(line.split()[0]) for line in calls.read_text().splitlines()}.isdisjoint({os.getpid()})
+
+
+def test_workers_exit_cleanly_despite_inherited_exit_callbacks(source):
+    # Prefect's log and event services leave such callbacks; forked workers used to run them and die.
+    threading._register_atexit(os._exit, 1)
+    try:
+        with TrainLoader(config(source, num_workers=1)) as loader:
+            take(loader, 1)
+    finally:
+        threading._threading_atexits.pop()
 
 
 def test_too_many_skips_stop_the_run(source):

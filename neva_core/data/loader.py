@@ -31,10 +31,12 @@ split on every pass (energon's LimitDataset over the repeated, unshuffled split,
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import io
 import json
 import logging
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -268,8 +270,8 @@ def read_record(crude: dict[str, Any]) -> RawRecord:
                 image = opened.convert("RGB")
         except (OSError, Image.DecompressionBombError) as exc:  # `neva shard` checked it: the shard is damaged
             raise NevaError(
-                f"sample {key!r}: its image does not decode ({exc}); check the shards with "
-                "`neva shard` (rerun it into a new folder)"
+                f"sample {key!r}: its image does not decode ({exc}), so its shard is damaged; "
+                "rerun `neva shard` into a new folder"
             ) from exc
     return RawRecord(id=key, conversations=record["conversations"], image=image, image_bytes=image_bytes,
                      record=record)
@@ -296,7 +298,9 @@ def _task_encoder(config: LoaderConfig) -> Any:
             # Samples skipped in this worker since its last batch; `batch` hands them on and clears them.
             self.pending_skips: list[SkippedSample] = []
 
-        @stateless
+        # restore_seeds: each sample's RNGs are seeded from its position, so an encoder that draws random
+        # numbers (augmentation) gives the same output when the sample is replayed after a resume.
+        @stateless(restore_seeds=True)
         def encode_sample(self, crude: dict[str, Any]) -> _Fitted:
             raw = read_record(crude)
             try:
@@ -356,6 +360,7 @@ class TrainLoader:
         )
         self.samples_per_epoch = _samples_per_rank(dataset)
         self._loader = get_savable_loader(dataset, checkpoint_every_sec=config.checkpoint_every_sec)
+        _clean_worker_exit(self._loader)
         self._iterator: Iterator[Batch] | None = None
         self.batches = 0
         self.samples_drawn = 0  # trained plus skipped
@@ -453,6 +458,21 @@ def _get(state: Any, key: str) -> Any:
     return state.get(key) if isinstance(state, dict) else None
 
 
+def _clean_worker_exit(loader: torch.utils.data.DataLoader) -> None:
+    """Make the forked workers drop the threading-exit callbacks they inherit from this process.
+
+    Prefect registers some for its log and event services; run at a worker's exit without their threads,
+    they end the worker with status 1, which torch reports as a crashed worker when the loader closes.
+    """
+    if loader.num_workers > 0:
+        loader.worker_init_fn = functools.partial(_init_worker, loader.worker_init_fn)
+
+
+def _init_worker(energon_init: Callable[[int], None], worker_id: int) -> None:
+    threading._threading_atexits.clear()  # type: ignore[attr-defined]  # the list threading._shutdown runs
+    energon_init(worker_id)
+
+
 def _stop_workers(loader: torch.utils.data.DataLoader) -> None:
     workers = getattr(loader, "_iterator", None)  # where torch keeps persistent workers
     if workers is not None and hasattr(workers, "_shutdown_workers"):
@@ -488,6 +508,7 @@ class ValLoader:
                                reset_after_epoch=True, worker_config=worker_config)
         self.val_batches = val_batches
         self._loader = get_loader(dataset)
+        _clean_worker_exit(self._loader)
 
     def __iter__(self) -> Iterator[Batch]:
         return iter(self._loader)
