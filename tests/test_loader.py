@@ -68,7 +68,7 @@ def config(source: dict[str, Any], **overrides: Any) -> LoaderConfig:
     values: dict[str, Any] = dict(
         shards=source["shards"], encoder=CharEncoder(), batch_size=BATCH, max_length=512,
         image_token_id=IMAGE_TOKEN_ID, image_size=IMAGE_SIZE, pad_token_id=PAD_ID, num_workers=WORKERS,
-        seed=0, shuffle_buffer_size=8, max_samples_per_sequence=4, checkpoint_every_sec=0.0,
+        seed=0, shuffle_buffer_size=8, max_samples_per_sequence=4,
     )
     return LoaderConfig(**(values | overrides))
 
