@@ -47,12 +47,11 @@ from PIL import Image
 
 from neva_core.data.energon import INDEX_UUID, META_DIR
 from neva_core.data.loader_state import state_from_json, state_to_json
+from neva_core.data.templates import IGNORE_INDEX
 from neva_core.errors import NevaError
 
 log = logging.getLogger(__name__)
 
-# Must equal neva_core.data.templates.IGNORE_INDEX (and the loss's default ignore_index).
-IGNORE_INDEX = -100
 STATE_FORMAT = 1
 _IMAGE_MEMBERS = ("jpg", "png")
 
