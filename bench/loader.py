@@ -31,7 +31,8 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from shard import build_dataset  # noqa: E402
 
-from neva_core.data.loader import IGNORE_INDEX, EncodedRecord, LoaderConfig, RawRecord, TrainLoader  # noqa: E402
+from neva_core.data.loader import EncodedRecord, LoaderConfig, RawRecord, TrainLoader  # noqa: E402
+from neva_core.data.templates import IGNORE_INDEX  # noqa: E402
 from neva_core.data.loader_state import state_from_json  # noqa: E402
 from neva_core.data.shards import shard_dataset  # noqa: E402
 

@@ -9,7 +9,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from neva_core.data.loader import IGNORE_INDEX, EncodedRecord, RawRecord, SkipRecord
+from neva_core.data.loader import EncodedRecord, RawRecord, SkipRecord
+from neva_core.data.templates import IGNORE_INDEX
 
 IMAGE_TOKEN_ID = 3
 IMAGE_TOKENS = 4
