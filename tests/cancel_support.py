@@ -25,3 +25,13 @@ def hold() -> int:
 @flow(name="cancel-probe")
 def cancel_probe() -> int:
     return hold()
+
+
+@task(name="hold-with-timeout", timeout_seconds=2)
+def hold_with_timeout(env: dict[str, str]) -> int:
+    return run_logged([sys.executable, "-c", CHILD, GRANDCHILD], env=env, grace_seconds=1.0)
+
+
+@flow(name="timeout-probe")
+def timeout_probe(env: dict[str, str]) -> int:
+    return hold_with_timeout(env)

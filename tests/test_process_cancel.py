@@ -76,3 +76,29 @@ def test_cancelled_flow_run_leaves_no_process_behind() -> None:
     while tagged(tag) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert tagged(tag) == []
+
+
+def test_task_timeout_leaves_no_process_behind() -> None:
+    import threading
+
+    from cancel_support import timeout_probe
+
+    tag = uuid.uuid4().hex
+    leaders_seen: list[int] = []
+    done = threading.Event()
+
+    def watch() -> None:  # what ran during the task: the command and its setsid grandchild
+        while not done.is_set():
+            leaders_seen.append(sum(marked and leader for _, marked, leader in tagged(tag)))
+            time.sleep(0.1)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        state = timeout_probe({**os.environ, "NEVA_TEST_TAG": tag, "OMP_NUM_THREADS": "1"}, return_state=True)
+    finally:
+        done.set()
+        watcher.join()
+    assert state.is_failed() and "timeout" in state.message.lower().replace(" ", ""), state.message
+    assert max(leaders_seen) == 2
+    assert tagged(tag) == []
