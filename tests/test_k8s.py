@@ -147,12 +147,42 @@ def test_a_succeeding_job_forwards_the_master_log_and_is_kept() -> None:
     assert custom.deleted == []
 
 
+def test_the_master_log_is_followed_again_while_its_container_starts() -> None:
+    from kubernetes.client.exceptions import ApiException
+
+    class Starting(FakeCoreV1Api):
+        def read_namespaced_pod_log(self, name: str, namespace: str, **kwargs: object) -> FakeLogResponse:
+            if not self.log_calls:
+                self.log_calls.append((name, namespace, kwargs))
+                raise ApiException(status=400, reason="container pytorch is waiting to start: ContainerCreating")
+            return super().read_namespaced_pod_log(name, namespace, **kwargs)
+
+    core = Starting(FakeLogResponse(LOG))
+    lines: list[str] = []
+    run_pytorchjob(job_config(), FakeCustomObjectsApi(["Running"] * 5 + ["Succeeded"]), core, lines.append,
+                   poll_seconds=0.01)
+    assert lines == ["step 1 loss 2.0", "step 2 loss 1.5", "done"] and len(core.log_calls) == 2
+
+
 def test_a_failed_job_raises_and_is_deleted() -> None:
     custom = FakeCustomObjectsApi(["Running", "Failed"], message="pod neva-pretrain-worker-1 OOMKilled")
     with pytest.raises(NevaError, match="training/neva-pretrain failed: pod neva-pretrain-worker-1 OOMKilled"):
         run_pytorchjob(job_config(), custom, FakeCoreV1Api(FakeLogResponse([])), lambda line: None,
                        poll_seconds=0.01)
     assert [entry[2:5] for entry in custom.deleted] == [("training", "pytorchjobs", "neva-pretrain")]
+
+
+def test_a_taken_job_name_is_a_clear_error() -> None:
+    from kubernetes.client.exceptions import ApiException
+
+    class Taken(FakeCustomObjectsApi):
+        def create_namespaced_custom_object(self, *args: object, **kwargs: object) -> dict:
+            raise ApiException(status=409, reason="AlreadyExists")
+
+    custom = Taken(["Running"])
+    with pytest.raises(NevaError, match="training/neva-pretrain already exists"):
+        run_pytorchjob(job_config(), custom, FakeCoreV1Api(FakeLogResponse([])), lambda line: None)
+    assert custom.deleted == []  # someone else's job: never deleted
 
 
 class Cancelled(BaseException):

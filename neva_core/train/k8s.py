@@ -231,12 +231,12 @@ def run_pytorchjob(config: PyTorchJobConfig, custom_api: Any, core_api: Any, on_
                    poll_seconds: float = _POLL_SECONDS, log_timeout: float = 30.0) -> dict[str, Any]:
     """Create the job, forward the master's log lines to `on_line` (in this thread) and wait for it to end.
 
-    `custom_api` is a kubernetes.client.CustomObjectsApi, `core_api` a CoreV1Api. Returns the finished
-    job object; raises NevaError when it failed. On any exception here (including a cancelled run's
-    TerminationSignal) the job and its pods are deleted before the exception propagates.
+    `custom_api` is a kubernetes.client.CustomObjectsApi, `core_api` a CoreV1Api. Returns the finished job
+    object (kept until ttl_seconds_after_finished); raises NevaError when it failed or its name is taken.
+    On any exception while it runs (a cancelled run's TerminationSignal included) the job and its pods are
+    deleted before the exception propagates.
     """
-    body = render_pytorchjob(config)
-    custom_api.create_namespaced_custom_object(GROUP, VERSION, config.namespace, PLURAL, body)
+    _create(custom_api, config)
     follower: _LogFollower | None = None
     try:
         while True:
@@ -245,7 +245,7 @@ def run_pytorchjob(config: PyTorchJobConfig, custom_api: Any, core_api: Any, on_
             if (follower is None or follower.retry_wanted) and phase in ("Running", "Succeeded", "Failed"):
                 follower = _LogFollower(core_api, master_pod(config.name), config.namespace)
             if phase in ("Succeeded", "Failed"):
-                follower.finish(on_line, timeout=log_timeout)
+                _finish_log(follower, core_api, config, on_line, log_timeout)
                 if phase == "Failed":
                     raise NevaError(f"PyTorchJob {config.namespace}/{config.name} failed: {message or 'no message'}"
                                     f" (kubectl describe pytorchjob -n {config.namespace} {config.name})")
@@ -260,6 +260,27 @@ def run_pytorchjob(config: PyTorchJobConfig, custom_api: Any, core_api: Any, on_
             on_line(f"could not delete PyTorchJob {config.namespace}/{config.name} ({exc}): "
                     f"kubectl delete pytorchjob -n {config.namespace} {config.name}")
         raise
+
+
+def _create(custom_api: Any, config: PyTorchJobConfig) -> None:
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        custom_api.create_namespaced_custom_object(GROUP, VERSION, config.namespace, PLURAL,
+                                                   render_pytorchjob(config))
+    except ApiException as exc:
+        if exc.status == 409:
+            raise NevaError(f"PyTorchJob {config.namespace}/{config.name} already exists: give each attempt its "
+                            f"own name, or delete the old job (kubectl delete pytorchjob -n {config.namespace} "
+                            f"{config.name})") from None
+        raise
+
+
+def _finish_log(follower: _LogFollower, core_api: Any, config: PyTorchJobConfig, on_line: Callable[[str], None],
+                timeout: float) -> None:
+    follower.finish(on_line, timeout=timeout)
+    if follower.retry_wanted:  # it ended before the container had started: the whole log is readable now
+        _LogFollower(core_api, master_pod(config.name), config.namespace).finish(on_line, timeout=timeout)
 
 
 def _wait(seconds: float, follower: _LogFollower | None, on_line: Callable[[str], None]) -> None:
