@@ -56,7 +56,13 @@ def test_entrypoints_load_the_neva_flow_from_the_repo_root(deployments: dict, mo
 
 
 def test_parameters_fit_the_flow_signature(deployments: dict) -> None:
-    schema = parameter_schema(planned_flow).model_dump_for_openapi()
+    from flows.neva import neva
+
+    flow_schema = parameter_schema(neva.fn).model_dump_for_openapi()
+    assert set(flow_schema["properties"]) <= {"demo", "stage", "config"}
+    # Until the flow takes demo and stage (with training), check against the signature it will have.
+    wired = set(flow_schema["properties"]) == {"demo", "stage", "config"}
+    schema = flow_schema if wired else parameter_schema(planned_flow).model_dump_for_openapi()
     for deployment in deployments.values():
         jsonschema.validate(deployment["parameters"], schema)
     assert {name: d["parameters"]["stage"] for name, d in deployments.items()} == {
