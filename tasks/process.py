@@ -13,7 +13,8 @@ from prefect.logging import get_run_logger
 from neva_core.process import run_command
 
 
-def _logger() -> logging.Logger | logging.LoggerAdapter:
+def run_logger() -> logging.Logger | logging.LoggerAdapter:
+    """The current flow or task run's logger; a plain logger outside a run."""
     try:
         return get_run_logger()
     except MissingContextError:  # called outside a flow or task run (the CLI, a test)
@@ -23,5 +24,4 @@ def _logger() -> logging.Logger | logging.LoggerAdapter:
 def run_logged(argv: Sequence[str], *, env: Mapping[str, str] | None = None, cwd: Path | None = None,
                grace_seconds: float = 10.0) -> int:
     """Run `argv`, each output line an INFO record of the current task run's logger; return its exit status."""
-    logger = _logger()
-    return run_command(argv, logger.info, env=env, cwd=cwd, grace_seconds=grace_seconds)
+    return run_command(argv, run_logger().info, env=env, cwd=cwd, grace_seconds=grace_seconds)
