@@ -57,9 +57,9 @@ def write_synthetic_checkpoint(folder: Path, shapes: dict[str, int]) -> int:
     """An HF LLaMA folder of `shapes` with bf16 values tiled from one random block; returns its bytes."""
     import torch
 
+    from neva_core.checkpoint.export import write_hf_weights
     from neva_core.checkpoint.hf import hf_tensor_shapes, llm_config_from_hf
     from neva_core.checkpoint.safetensors_stream import TensorSpec
-    from neva_core.export import write_hf_weights
 
     config = hf_config(shapes)
     specs = [TensorSpec(n, torch.bfloat16, s) for n, s in hf_tensor_shapes(llm_config_from_hf(config)).items()]
@@ -128,7 +128,7 @@ def full_load_convert(hf_dir: Path, out_dir: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     from neva_core.checkpoint.hf import llm_config_from_hf, tensor_recipe, to_native
-    from neva_core.checkpoint.partition import tensor_names
+    from neva_core.model.partition import tensor_names
 
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
     state = model.state_dict()

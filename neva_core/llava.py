@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from neva_core.checkpoint.convert import HFCheckpointReader, source_dtype
+from neva_core.checkpoint.export import DEFAULT_MAX_SHARD_BYTES, write_hf_weights
 from neva_core.checkpoint.hf import DTYPES, hf_config_from_llm, hf_tensor_shapes
 from neva_core.checkpoint.layout import (
     NativeReader,
@@ -39,7 +40,6 @@ from neva_core.checkpoint.safetensors_stream import (
 from neva_core.data.templates import chat_template
 from neva_core.data.text_tokenizer import load_text_tokenizer
 from neva_core.errors import NevaError
-from neva_core.export import DEFAULT_MAX_SHARD_BYTES, write_hf_weights
 from neva_core.io import (
     atomic_dir,
     file_entry,

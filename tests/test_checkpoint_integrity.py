@@ -15,11 +15,11 @@ from safetensors.torch import load_file
 
 from checkpoint_support import flip_byte, write_hf_model
 from neva_core.checkpoint.convert import convert_hf_checkpoint
+from neva_core.checkpoint.export import export_hf
 from neva_core.checkpoint.layout import load_native_rank, read_native_config, verify_native
 from neva_core.checkpoint.repartition import repartition
 from neva_core.checkpoint.safetensors_stream import SafetensorsReader, StreamingWriter, TensorSpec
 from neva_core.errors import NevaError
-from neva_core.export import export_hf
 
 REPO = Path(__file__).resolve().parents[1]
 RANK1 = "model-tp01-of02.safetensors"

@@ -26,10 +26,10 @@ from checkpoint_support import (
     write_hf_model,
 )
 from neva_core.checkpoint.convert import convert_hf_checkpoint
+from neva_core.checkpoint.export import export_hf
 from neva_core.checkpoint.layout import load_native_rank, read_native_config, verify_native
 from neva_core.cli import main
 from neva_core.errors import NevaError
-from neva_core.export import export_hf
 
 
 @pytest.fixture(scope="module")

@@ -14,10 +14,10 @@ from transformers import (
 )
 
 from model_support import hf_to_native, native_config_from_hf, pad_vocab_rows, tiny_config
-from neva_core.checkpoint.partition import shard_shape, tensor_names
 from neva_core.errors import NevaError
 from neva_core.model.config import LLMConfig, padded_vocab_size
 from neva_core.model.llm import NevaLLM
+from neva_core.model.partition import shard_shape, tensor_names
 
 SEQ_LEN = 12
 # Every model is 2 layers, hidden 64, 8 query heads of dim 8: small, yet RoPE, GQA grouping and the

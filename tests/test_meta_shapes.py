@@ -15,8 +15,8 @@ import torch
 from neva_core.checkpoint.convert import form_native_tensor
 from neva_core.checkpoint.hf import hf_tensor_shapes, llm_config_from_hf
 from neva_core.checkpoint.layout import rank_plan
-from neva_core.checkpoint.partition import Split, merge_tensor, split_kind, split_tensor, tensor_names
 from neva_core.errors import NevaError
+from neva_core.model.partition import Split, merge_tensor, split_kind, split_tensor, tensor_names
 
 # The fields of the published config.json files (meta-llama/Llama-2-{7b,13b,70b}-chat-hf).
 _LLAMA2 = {

@@ -11,7 +11,6 @@ import torch.nn.functional as F
 
 from model_support import run_distributed, tiny_config
 from neva_core.checkpoint.layout import Provenance, save_native
-from neva_core.checkpoint.partition import merge_tensor, split_tensor
 from neva_core.errors import NevaError
 from neva_core.generate import greedy_generate
 from neva_core.model.config import LLMConfig
@@ -22,6 +21,7 @@ from neva_core.model.parallel import (
     reduce_from_tp_region,
     vocab_parallel_cross_entropy,
 )
+from neva_core.model.partition import merge_tensor, split_tensor
 
 WORLD = 4
 TP_SIZES = (2, 4)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from neva_core.checkpoint.partition import (
+from neva_core.errors import NevaError
+from neva_core.model.config import LLMConfig, padded_vocab_size
+from neva_core.model.partition import (
     EMBEDDING,
     OUTPUT_LAYER,
     full_shape,
@@ -14,8 +16,6 @@ from neva_core.checkpoint.partition import (
     split_tensor,
     tensor_names,
 )
-from neva_core.errors import NevaError
-from neva_core.model.config import LLMConfig, padded_vocab_size
 from model_support import fuse_qkv, tiny_config
 
 QKV = "decoder.layers.1.self_attention.linear_qkv.weight"

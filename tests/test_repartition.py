@@ -18,10 +18,10 @@ from checkpoint_support import (
 )
 from neva_core.checkpoint.convert import convert_hf_checkpoint
 from neva_core.checkpoint.layout import load_native_rank, read_native_config, verify_native
-from neva_core.checkpoint.partition import tensor_names
 from neva_core.checkpoint.repartition import repartition
 from neva_core.cli import main
 from neva_core.errors import NevaError
+from neva_core.model.partition import tensor_names
 
 
 def _rank_files(folder: Path) -> list[Path]:

@@ -30,12 +30,12 @@ from neva_core.checkpoint.hf import (
     to_native,
 )
 from neva_core.checkpoint.layout import NativeCheckpoint, Provenance, save_native
-from neva_core.checkpoint.partition import Split, split_kind, tensor_names
 from neva_core.checkpoint.safetensors_stream import SafetensorsReader, TensorSpec
 from neva_core.errors import NevaError
 from neva_core.fingerprint import path_fingerprint
 from neva_core.io import MANIFEST_NAME
 from neva_core.model.config import LLMConfig
+from neva_core.model.partition import Split, split_kind, tensor_names
 
 log = logging.getLogger(__name__)
 

@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 
-from neva_core.checkpoint.partition import Split, full_shape, split_kind, tensor_names
 from neva_core.errors import NevaError
 from neva_core.model.config import LLMConfig, padded_vocab_size
+from neva_core.model.partition import Split, full_shape, split_kind, tensor_names
 
 COPY, QKV, GATE_UP = "copy", "qkv", "gate_up"
 

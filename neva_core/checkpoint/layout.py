@@ -23,7 +23,6 @@ from typing import Any
 import torch
 
 from neva_core.checkpoint.hf import DTYPES, dtype_name
-from neva_core.checkpoint.partition import merge_tensor, shard_shape, split_tensor, tensor_names
 from neva_core.checkpoint.safetensors_stream import (
     SafetensorsReader,
     StreamingWriter,
@@ -45,6 +44,7 @@ from neva_core.io import (
     write_manifest,
 )
 from neva_core.model.config import LLMConfig
+from neva_core.model.partition import merge_tensor, shard_shape, split_tensor, tensor_names
 
 log = logging.getLogger(__name__)
 

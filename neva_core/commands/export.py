@@ -34,7 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from neva_core.export import export_hf
+    from neva_core.checkpoint.export import export_hf
     from neva_core.llava import export_llava
     from neva_core.model.trained import is_trained_folder
 

@@ -27,9 +27,9 @@ from neva_core.checkpoint.hf import (
     tensor_recipe,
     to_native,
 )
-from neva_core.checkpoint.partition import tensor_names
 from neva_core.errors import NevaError
 from neva_core.model.config import LLMConfig
+from neva_core.model.partition import tensor_names
 from neva_core.model.projector import projector_from_hf
 from neva_core.model.vision import clip_vision_config, vision_tensors
 

@@ -1,7 +1,7 @@
 """The native LLaMA-family decoder (LLaMA, Mistral, Qwen2, Yi) in Megatron-core layout.
 
 Parameter names are the native checkpoint names, and each rank holds its tensor-parallel shard in the
-layout of `neva_core.checkpoint.partition`, so a rank file loads with `model.load_state_dict(tensors)`.
+layout of `neva_core.model.partition`, so a rank file loads with `model.load_state_dict(tensors)`.
 
 The arithmetic follows transformers' LlamaForCausalLM so converted weights give the same logits:
 RMSNorm in fp32 then cast back before the weight, rotate-half RoPE with cos/sin computed in fp32 from
@@ -24,7 +24,6 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from neva_core.checkpoint.layout import load_native_rank, read_native_config
-from neva_core.checkpoint.partition import full_shape, split_tensor
 from neva_core.errors import NevaError
 from neva_core.model.config import LLMConfig
 from neva_core.model.parallel import (
@@ -39,6 +38,7 @@ from neva_core.model.parallel import (
     tp_world_size,
     vocab_parallel_cross_entropy,
 )
+from neva_core.model.partition import full_shape, split_tensor
 
 __all__ = ["KVCache", "NevaLLM", "gather_logits", "vocab_parallel_cross_entropy"]
 

@@ -38,7 +38,6 @@ from neva_core.checkpoint.layout import (
     save_native,
     verify_native,
 )
-from neva_core.checkpoint.partition import merge_tensor, split_tensor, tensor_names
 from neva_core.checkpoint.safetensors_stream import (
     StreamingWriter,
     TensorSpec,
@@ -66,6 +65,7 @@ from neva_core.model.parallel import (
     tp_rank,
     tp_world_size,
 )
+from neva_core.model.partition import merge_tensor, split_tensor, tensor_names
 from neva_core.model.projector import (
     PROJECTOR_TYPES,
     build_projector,

@@ -1,8 +1,8 @@
-"""Tensor-parallel split and merge rules, one per native (Megatron-core) tensor name.
+"""Tensor-parallel split and merge rules, one per native (Megatron-core) tensor name: the model's layout.
 
-Pure functions on tensors: no files, no process groups. The converter, the repartitioner, the
-exporter and the tests all go through them, so a rank file written by one stage is exactly what
-`NevaLLM` on that rank expects.
+Pure functions on tensors: no files, no process groups. The model owns them (`NevaLLM` holds each rank's
+shard in this layout); the checkpoint code (convert, repartition, export) converts to and from it through
+them, so a rank file written by one stage is exactly what `NevaLLM` on that rank expects.
 
 "Full" tensors are canonical: the embedding and output layer hold exactly `config.vocab_size` rows.
 A rank at TP=tp holds `padded_vocab_size(vocab_size, tp) / tp` of those rows, the padding rows zero.
