@@ -7,9 +7,8 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
+from eval_support import build_trained_model, eval_model, eval_native_llm  # noqa: F401 (fixtures)
 
-from neva_core.checkpoint.convert import convert_hf_checkpoint
 from neva_core.cli import main
 from neva_core.errors import NevaError
 from neva_core.eval import score
@@ -17,36 +16,9 @@ from neva_core.eval.benchmarks import read_benchmark, scoring_references
 from neva_core.eval.fixtures import make_eval_fixtures
 from neva_core.eval.generate import Answerer, generate_predictions, run_path
 from neva_core.eval.predictions import read_predictions
-from neva_core.model.projector import build_projector
-from neva_core.model.trained import TrainedModelConfig, save_trained_model
 
 SAMPLES = 8
 MAX_NEW = 6
-
-
-def build_trained_model(out: Path, native_llm: Path, neva_fixtures, neva_tokenizer, projector_seed: int) -> Path:
-    """A trained-model folder from the fixture LLM and CLIP with a random projector (no training)."""
-    settings = TrainedModelConfig(family="llama", template="vicuna_v1", projector_type="mlp2x_gelu", image_size=64,
-                                  patch_size=16, image_token_id=neva_tokenizer.added["<extra_id_3>"])
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(projector_seed)
-        projector = build_projector("mlp2x_gelu", 64, 64)
-    return save_trained_model(out, llm=native_llm, projector=projector, vision_dir=neva_fixtures.vision_dir,
-                              tokenizer_dir=neva_tokenizer.out_dir, settings=settings,
-                              provenance={"stage": "test, untrained", "projector_seed": projector_seed})
-
-
-@pytest.fixture(scope="session")
-def eval_native_llm(neva_fixtures, neva_tokenizer, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("eval-llm") / "native"
-    convert_hf_checkpoint(neva_fixtures.llm_dir, out, tokenizer=neva_tokenizer.tokenizer_model, dtype="fp32")
-    return out
-
-
-@pytest.fixture(scope="session")
-def eval_model(eval_native_llm, neva_fixtures, neva_tokenizer, tmp_path_factory) -> Path:
-    return build_trained_model(tmp_path_factory.mktemp("eval-model") / "model", eval_native_llm, neva_fixtures,
-                               neva_tokenizer, projector_seed=7)
 
 
 @pytest.fixture(scope="session")
