@@ -17,7 +17,8 @@ decord and filelock<4 (4.x lacks filelock._api: lmms-eval then fails every task 
 torchvision, whose PyPI wheel is built for the CUDA torch and breaks `import transformers` beside our CPU torch
 ("operator torchvision::nms does not exist"), so it is removed again (llava_hf does not use it):
     python3.11 -m venv /tmp/lmms-venv
-    echo "$PWD/.venv/lib/python3.11/site-packages" > /tmp/lmms-venv/lib/python3.11/site-packages/neva.pth
+    echo "import site; site.addsitedir('$PWD/.venv/lib/python3.11/site-packages')" \
+        > /tmp/lmms-venv/lib/python3.11/site-packages/neva.pth
     echo "torch==$(.venv/bin/python -c 'import torch; print(torch.__version__.split("+")[0])')" > /tmp/c.txt
     /tmp/lmms-venv/bin/pip install lmms-eval==0.7.3 decord "filelock<4" torchvision==0.28.0 -c /tmp/c.txt
     /tmp/lmms-venv/bin/pip uninstall -y torchvision
