@@ -1,4 +1,5 @@
-"""Test helpers for the evaluation: trained-model folders built without training (random projectors)."""
+"""Test fixtures for the evaluation (a pytest plugin of its test modules): trained-model folders built without
+training, whose random projectors differ, so their generations differ."""
 
 from __future__ import annotations
 
@@ -35,3 +36,10 @@ def eval_native_llm(neva_fixtures, neva_tokenizer, tmp_path_factory: pytest.Temp
 def eval_model(eval_native_llm, neva_fixtures, neva_tokenizer, tmp_path_factory) -> Path:
     return build_trained_model(tmp_path_factory.mktemp("eval-model") / "model", eval_native_llm, neva_fixtures,
                                neva_tokenizer, projector_seed=7)
+
+
+@pytest.fixture(scope="session")
+def other_model(eval_native_llm, neva_fixtures, neva_tokenizer, tmp_path_factory) -> Path:
+    """The same LLM and CLIP as eval_model with another random projector."""
+    return build_trained_model(tmp_path_factory.mktemp("other-model") / "model", eval_native_llm, neva_fixtures,
+                               neva_tokenizer, projector_seed=8)

@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import pytest
-from eval_support import build_trained_model, eval_model, eval_native_llm  # noqa: F401 (fixtures)
 
 from neva_core.cli import main
 from neva_core.errors import NevaError
@@ -17,6 +16,7 @@ from neva_core.eval.fixtures import make_eval_fixtures
 from neva_core.eval.generate import Answerer, generate_predictions, run_path
 from neva_core.eval.predictions import read_predictions
 
+pytest_plugins = ("eval_support",)  # fixtures eval_model, other_model
 SAMPLES = 8
 MAX_NEW = 6
 
@@ -118,14 +118,12 @@ def test_other_task_or_settings_refused(answerer, eval_model, eval_data, referen
                              answerer=answerer)
 
 
-def test_other_model_refused(eval_native_llm, neva_fixtures, neva_tokenizer, answerer, eval_model, eval_data,
-                             reference_files, tmp_path) -> None:
-    other = build_trained_model(tmp_path / "other", eval_native_llm, neva_fixtures, neva_tokenizer, projector_seed=8)
+def test_other_model_refused(other_model, eval_data, reference_files, tmp_path) -> None:
     out = tmp_path / "pred.jsonl"
     out.write_bytes(reference_files["coco"].read_bytes())
     run_path(out).write_bytes(run_path(reference_files["coco"]).read_bytes())
     with pytest.raises(NevaError, match="model_digest"):
-        generate_predictions(other, "coco", eval_data / "coco", out, batch=3, max_new_tokens=MAX_NEW)
+        generate_predictions(other_model, "coco", eval_data / "coco", out, batch=3, max_new_tokens=MAX_NEW)
 
 
 def test_cli_limit_and_score(eval_model, eval_data, reference_files, tmp_path, capsys) -> None:

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
-from eval_support import build_trained_model, eval_model, eval_native_llm  # noqa: F401 (fixtures)
 
 from neva_core.errors import NevaError
 from neva_core.eval.fixtures import make_textvqa_fixture
@@ -22,11 +20,7 @@ from neva_core.eval.guard import (
 )
 from neva_core.eval.predictions import read_predictions
 
-
-@pytest.fixture(scope="module")
-def worse_model(eval_native_llm, neva_fixtures, neva_tokenizer, tmp_path_factory) -> Path:  # noqa: F811
-    return build_trained_model(tmp_path_factory.mktemp("worse") / "model", eval_native_llm, neva_fixtures,
-                               neva_tokenizer, projector_seed=8)
+pytest_plugins = ("eval_support",)  # fixtures eval_model, other_model (the worse one here)
 
 
 def test_judge_rules() -> None:
@@ -48,36 +42,36 @@ def test_judge_rules() -> None:
         headline_scores("coco", {"accuracy": 1.0})
 
 
-def test_fed_scores_history_and_promotion(eval_model, worse_model, tmp_path) -> None:  # noqa: F811
+def test_fed_scores_history_and_promotion(eval_model, other_model, tmp_path) -> None:
     work = tmp_path / "work"
     first = record_run(work, "night-1", eval_model, {"coco/CIDEr": 90.0}, tolerance=1.0)
     assert first.decision == "promoted" and first.baseline_run_id is None
     assert read_promoted(work)["run_id"] == "night-1"
-    worse = record_run(work, "night-2", worse_model, {"coco/CIDEr": 85.0}, tolerance=1.0)
+    worse = record_run(work, "night-2", other_model, {"coco/CIDEr": 85.0}, tolerance=1.0)
     assert worse.is_regression and worse.baseline_run_id == "night-1"
     promoted = read_promoted(work)
     assert promoted["run_id"] == "night-1" and promoted["model"] == str(eval_model.resolve())
     assert promoted["model_digest"] == model_digest(eval_model) and promoted["scores"] == {"coco/CIDEr": 90.0}
-    slight = record_run(work, "night-3", worse_model, {"coco/CIDEr": 89.5}, tolerance=1.0)
+    slight = record_run(work, "night-3", other_model, {"coco/CIDEr": 89.5}, tolerance=1.0)
     assert slight.decision == "kept" and read_promoted(work)["run_id"] == "night-1"
-    better = record_run(work, "night-4", worse_model, {"coco/CIDEr": 90.0}, tolerance=1.0)
-    assert better.decision == "promoted" and read_promoted(work)["model"] == str(worse_model.resolve())
+    better = record_run(work, "night-4", other_model, {"coco/CIDEr": 90.0}, tolerance=1.0)
+    assert better.decision == "promoted" and read_promoted(work)["model"] == str(other_model.resolve())
     history = read_history(work)
     assert [(r["run_id"], r["decision"]) for r in history] == [
         ("night-1", "promoted"), ("night-2", "regression"), ("night-3", "kept"), ("night-4", "promoted")]
     # a rerun of a recorded night changes nothing; the same id with other scores is refused
-    assert record_run(work, "night-2", worse_model, {"coco/CIDEr": 85.0}, tolerance=1.0) == worse
+    assert record_run(work, "night-2", other_model, {"coco/CIDEr": 85.0}, tolerance=1.0) == worse
     assert len(read_history(work)) == 4
     with pytest.raises(NevaError, match="already in"):
-        record_run(work, "night-2", worse_model, {"coco/CIDEr": 95.0})
+        record_run(work, "night-2", other_model, {"coco/CIDEr": 95.0})
     # a crash between the history line and the pointer: the rerun completes the promotion
     (work / "promoted" / "model.json").unlink()
-    record_run(work, "night-4", worse_model, {"coco/CIDEr": 90.0}, tolerance=1.0)
+    record_run(work, "night-4", other_model, {"coco/CIDEr": 90.0}, tolerance=1.0)
     assert read_promoted(work)["run_id"] == "night-4"
     assert not [p for p in (work / HISTORY).parent.iterdir() if ".tmp-" in p.name]
 
 
-def test_end_to_end_worse_model_is_not_promoted(eval_model, worse_model, tmp_path) -> None:  # noqa: F811
+def test_end_to_end_other_model_is_not_promoted(eval_model, other_model, tmp_path) -> None:
     """A TextVQA benchmark whose answers are the first model's: the second model's differing answers score lower."""
     bench = tmp_path / "textvqa"
     make_textvqa_fixture(bench, samples=6)
@@ -94,7 +88,7 @@ def test_end_to_end_worse_model_is_not_promoted(eval_model, worse_model, tmp_pat
     good = evaluate_and_guard(work, "night-1", eval_model, {"textvqa": bench}, batch=3, max_new_tokens=4,
                               tolerance=1.0)
     assert good.decision == "promoted" and good.scores == {"textvqa/accuracy": 100.0}
-    bad = evaluate_and_guard(work, "night-2", worse_model, {"textvqa": bench}, batch=3, max_new_tokens=4,
+    bad = evaluate_and_guard(work, "night-2", other_model, {"textvqa": bench}, batch=3, max_new_tokens=4,
                              tolerance=1.0)
     bad_answers = [r["answer"] for r in read_predictions(work / "eval" / "night-2" / "textvqa.jsonl",
                                                          "textvqa").records]

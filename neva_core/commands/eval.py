@@ -34,7 +34,8 @@ def _register_generate(actions: argparse._SubParsersAction) -> None:
             "task; a different one is refused)."
         ),
     )
-    p.add_argument("--model", type=Path, required=True, metavar="TRAINED_DIR", help="trained-model folder or a run's OUT")
+    p.add_argument("--model", type=Path, required=True, metavar="TRAINED_DIR",
+                   help="trained-model folder or a run's OUT")
     p.add_argument("--task", required=True, choices=("coco", "mmmu", "textvqa"))
     p.add_argument("--data", type=Path, required=True, metavar="DIR", help="the benchmark folder")
     p.add_argument("--out", type=Path, required=True, metavar="PRED.jsonl", help="the prediction file (appended)")
