@@ -4,6 +4,7 @@ projectors): valid Megatron files that `neva eval score` reads, exact resume aft
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -138,3 +139,11 @@ def test_cli_limit_and_score(eval_model, eval_data, reference_files, tmp_path, c
     assert main(["eval", "score", "--task", "textvqa", "--pred", str(out)]) == 0
     assert "accuracy" in json.loads(capsys.readouterr().out)
     assert main(argv[:-4] + ["--batch", "0"]) == 2
+
+
+def test_text_only_question_in_a_mixed_batch(answerer, eval_data) -> None:
+    """An MMMU question without an image gets no image tokens (a blank row image) and answers as it would alone."""
+    with_image, other = list(read_benchmark("mmmu", eval_data / "mmmu"))[:2]
+    text_only = replace(other, images=[])
+    mixed = answerer.answer("mmmu", [with_image, text_only], MAX_NEW)
+    assert mixed == [answerer.answer("mmmu", [s], MAX_NEW)[0] for s in (with_image, text_only)]

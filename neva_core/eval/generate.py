@@ -32,7 +32,7 @@ from neva_core.errors import NevaError
 from neva_core.eval import TASKS
 from neva_core.eval.benchmarks import EvalSample, count_benchmark, read_benchmark
 from neva_core.eval.predictions import prediction_record
-from neva_core.eval.prompts import user_prompt
+from neva_core.eval.prompts import IMAGE_PLACEHOLDER, user_prompt
 from neva_core.generate import ANSWER_END, greedy_generate, left_padded
 from neva_core.io import read_manifest, write_json_atomic
 
@@ -72,7 +72,7 @@ class Answerer:
     def answer(self, task: str, samples: list[EvalSample], max_new_tokens: int) -> list[str]:
         """The answers in sample order. A sample's first image is shown (Megatron's single-image style)."""
         has_image = [bool(s.images) for s in samples]
-        prompts = [build_generation_prompt(self.template, user_prompt(task, s.question), self.tokenizer,
+        prompts = [build_generation_prompt(self.template, _user_turn(task, s.question, shown), self.tokenizer,
                                            self.model.image_tokens, has_image=shown)
                    for s, shown in zip(samples, has_image)]
         images = self._images(samples) if any(has_image) else None
@@ -92,6 +92,11 @@ class Answerer:
         pixels = [self.processor(s.images[0]) if s.images else None for s in samples]
         blank = torch.zeros_like(next(p for p in pixels if p is not None))  # text-only rows have no image tokens
         return torch.stack([blank if p is None else p for p in pixels])
+
+
+def _user_turn(task: str, question: str, has_image: bool) -> str:
+    text = user_prompt(task, question)
+    return text if has_image else text.replace(IMAGE_PLACEHOLDER, "").strip()  # a question without an image
 
 
 def model_digest(folder: Path) -> str:
