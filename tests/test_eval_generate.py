@@ -16,6 +16,7 @@ from neva_core.eval.benchmarks import read_benchmark, scoring_references
 from neva_core.eval.fixtures import make_eval_fixtures
 from neva_core.eval.generate import Answerer, generate_predictions, run_path
 from neva_core.eval.predictions import read_predictions
+from neva_core.io import file_lock, lock_path
 
 pytest_plugins = ("eval_support",)  # fixtures eval_model, other_model
 SAMPLES = 8
@@ -112,6 +113,9 @@ def test_other_task_or_settings_refused(answerer, eval_model, eval_data, referen
                              answerer=answerer)
     with pytest.raises(NevaError, match="max_new_tokens"):
         generate_predictions(eval_model, "coco", eval_data / "coco", out, batch=3, max_new_tokens=MAX_NEW + 1,
+                             answerer=answerer)
+    with file_lock(lock_path(out), "test"), pytest.raises(NevaError, match="another `neva eval generate` is writing"):
+        generate_predictions(eval_model, "coco", eval_data / "coco", out, batch=3, max_new_tokens=MAX_NEW,
                              answerer=answerer)
     run_path(out).unlink()
     with pytest.raises(NevaError, match="not written by `neva eval generate`"):
