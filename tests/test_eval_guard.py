@@ -71,7 +71,7 @@ def test_fed_scores_history_and_promotion(eval_model, other_model, tmp_path) -> 
     assert not [p for p in (work / HISTORY).parent.iterdir() if ".tmp-" in p.name]
 
 
-def test_end_to_end_other_model_is_not_promoted(eval_model, other_model, tmp_path) -> None:
+def test_end_to_end_worse_model_is_not_promoted(eval_model, other_model, tmp_path) -> None:
     """A TextVQA benchmark whose answers are the first model's: the second model's differing answers score lower."""
     bench = tmp_path / "textvqa"
     make_textvqa_fixture(bench, samples=6)
