@@ -7,6 +7,8 @@
     prompts.py      Megatron's task prompts
     benchmarks.py   readers for the public layouts (COCO Karpathy test, MMMU on disk, TextVQA val)
     fixtures.py     small offline benchmarks in those layouts, made of the fixtures' shape images
+    generate.py     a trained model's batched greedy answers over a benchmark, resumable (`neva eval generate`)
+    guard.py        the nightly regression guard: score history and the promoted model
 """
 
 from __future__ import annotations

@@ -228,6 +228,30 @@ def read_benchmark(task: str, data_dir: Path) -> Iterator[EvalSample]:
     raise NevaError(f"unknown task {task!r}; choose one of coco, mmmu, textvqa")
 
 
+def count_benchmark(task: str, data_dir: Path) -> int:
+    """How many samples `read_benchmark` yields, without decoding any image."""
+    data_dir = Path(data_dir)
+    if task == "coco":
+        return len(load_ground_truth(_required(data_dir, (COCO_GT_NAME,), task)).image_ids)
+    if task == "mmmu":
+        return sum(1 for sample_id in _mmmu_ids(data_dir) if str(sample_id).startswith("val"))
+    if task == "textvqa":
+        data = json.loads(_required(data_dir, (TEXTVQA_JSON_NAME,), task).read_text(encoding="utf-8"))
+        return len(data["data"] if isinstance(data, dict) and "data" in data else data)
+    raise NevaError(f"unknown task {task!r}; choose one of coco, mmmu, textvqa")
+
+
+def _mmmu_ids(path: Path, split: str = "validation") -> Iterator[Any]:
+    parquet = sorted(path.rglob(f"{split}-*.parquet"))
+    if not parquet:  # a save_to_disk folder: its rows carry the images' bytes undecoded
+        yield from (row["id"] for row in _mmmu_rows(path, split))
+        return
+    import pyarrow.parquet as pq
+
+    for file in parquet:
+        yield from pq.read_table(file, columns=["id"]).column("id").to_pylist()
+
+
 def scoring_references(task: str, data_dir: Path) -> dict[str, Path]:
     """The keyword arguments `neva_core.eval.score` needs for a benchmark folder's predictions."""
     data_dir = Path(data_dir)
