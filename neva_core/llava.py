@@ -57,6 +57,7 @@ from neva_core.model.llava_hf import (
     hf_llm_file_tensors,
     llava_parts,
 )
+from neva_core.model.llm import NevaLLM
 from neva_core.model.neva import NevaModel
 from neva_core.model.parallel import TPGroup
 from neva_core.model.projector import (
@@ -71,7 +72,6 @@ from neva_core.model.trained import (
     VISION_DIR,
     TrainedModelConfig,
     assemble_model,
-    build_llm,
     rank_tensors_from_full,
     read_projector,
     read_trained_config,
@@ -234,7 +234,8 @@ def model_from_llava_state(state: Mapping[str, torch.Tensor], llava_config: Mapp
                            template: str, tp_group: TPGroup = None, source: str = "the LLaVA weights") -> NevaModel:
     """A NevaModel (this rank of `tp_group`) holding an in-memory HF LLaVA model's weights."""
     parts = llava_parts(state, llava_config, source)
-    llm = build_llm(parts.llm_config, rank_tensors_from_full(parts.llm_tensors(), parts.llm_config, tp_group), tp_group)
+    llm = NevaLLM.from_rank_tensors(parts.llm_config, rank_tensors_from_full(parts.llm_tensors(), parts.llm_config,
+                                                                     tp_group), tp_group)
     vision = VisionTower.from_state(parts.vision_config, parts.vision_tensors, parts.vision_select_layer,
                                     source=source)
     settings = TrainedModelConfig(family=parts.llm_config.family, template=template,

@@ -62,7 +62,6 @@ from neva_core.model.llm import NevaLLM
 from neva_core.model.neva import NevaModel
 from neva_core.model.parallel import (
     TPGroup,
-    mark_tensor_parallel_parameters,
     tp_rank,
     tp_world_size,
 )
@@ -121,24 +120,6 @@ class TrainedModelConfig:
 
 # ---------------------------------------------------------------------------------------------
 # Building a model from weights
-
-
-def build_llm(config: LLMConfig, rank_tensors: Mapping[str, torch.Tensor], tp_group: TPGroup = None,
-              dtype: torch.dtype | None = None, activation_checkpointing: bool = False) -> NevaLLM:
-    """A NevaLLM holding this rank's tensors, built on the meta device (no random initialisation drawn).
-
-    `load_state_dict(assign=True)` replaces the parameters, so the tensor-parallel attributes DeepSpeed
-    needs for the gradient norm are put back afterwards.
-    """
-    with torch.device("meta"):
-        llm = NevaLLM(config, tp_group, activation_checkpointing=activation_checkpointing)
-    tensors = {name: t if dtype is None else t.to(dtype) for name, t in rank_tensors.items()}
-    try:
-        llm.load_state_dict(tensors, strict=True, assign=True)
-    except RuntimeError as exc:
-        raise NevaError(f"the LLM tensors do not fit the model their config describes ({exc})") from exc
-    mark_tensor_parallel_parameters(llm)
-    return llm
 
 
 def rank_tensors_from_full(full: Iterable[tuple[str, torch.Tensor]], config: LLMConfig,
@@ -347,6 +328,7 @@ def load_trained_model(folder: Path | str, tp_group: TPGroup = None, dtype: torc
     else:
         with NativeReader(llm_dir, deep=deep) as reader:
             rank_tensors = rank_tensors_from_full(reader.full_tensors(), config, tp_group)
-    llm = build_llm(config, rank_tensors, tp_group, dtype, activation_checkpointing)
+    llm = NevaLLM.from_rank_tensors(config, rank_tensors, tp_group, dtype=dtype,
+                                    activation_checkpointing=activation_checkpointing)
     vision = VisionTower.from_folder(folder / VISION_DIR, settings.vision_select_layer, dtype or torch.float32)
     return assemble_model(llm, vision, settings, read_projector(folder / PROJECTOR_FILE), dtype)
