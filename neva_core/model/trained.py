@@ -48,11 +48,10 @@ from neva_core.data.templates import TEMPLATES
 from neva_core.errors import NevaError
 from neva_core.io import (
     MANIFEST_NAME,
-    atomic_dir,
+    commit_output,
     file_entry,
     is_temp_name,
     read_manifest,
-    remove_stale_temps,
     verify_files,
     write_json_atomic,
     write_manifest,
@@ -169,7 +168,8 @@ def save_trained_model(
     dtype: str = "fp32",
     provenance: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write a complete trained-model folder at `out_dir` (which must not exist); return it.
+    """Write a complete trained-model folder at `out_dir` (which must not exist; see `io.commit_output`);
+    return it.
 
     `llm` is a native checkpoint folder (its files are hard-linked, or copied across filesystems) or a
     NevaLLM, whose tensors are written as a TP=1 native checkpoint in `dtype`. A tensor-parallel NevaLLM
@@ -196,21 +196,36 @@ def save_trained_model(
             pass
         dist.barrier(group=llm.tp_group)
         return out_dir
-    remove_stale_temps(out_dir.parent, out_dir.name)
-    with atomic_dir(out_dir) as tmp:
+
+    def build(tmp: Path) -> None:
         _write_llm(tmp / LLM_DIR, llm, dtype, provenance)
-        _write_projector(tmp / PROJECTOR_FILE, state)
         link_or_copy_tree(vision_dir, tmp / VISION_DIR)
         link_or_copy_tree(tokenizer_dir, tmp / TOKENIZER_DIR)
-        document = {"format": FORMAT, "format_version": FORMAT_VERSION, **settings.to_dict(),
-                    "llm": {"vocab_size": llm_config.vocab_size, "hidden_size": llm_config.hidden_size},
-                    "provenance": dict(provenance or {})}
-        write_json_atomic(tmp / MODEL_CONFIG, document)
-        files = {str(path.relative_to(tmp)): file_entry(path) for path in sorted(tmp.rglob("*")) if path.is_file()}
-        write_manifest(tmp, {"format": FORMAT, "format_version": FORMAT_VERSION, "files": files})
+        finish_trained_folder(tmp, state, settings, llm_config, provenance)
+
+    commit_output(out_dir, reuse=refuse_existing, build=build)
     if isinstance(llm, NevaLLM) and tp_world_size(llm.tp_group) > 1:
         dist.barrier(group=llm.tp_group)
     return out_dir
+
+
+def refuse_existing(folder: Path) -> None:
+    """`commit_output`'s reuse check for outputs whose inputs (weights in memory) cannot be compared:
+    any folder already there is refused, never replaced."""
+    raise NevaError(f"{folder} already exists; remove it or choose another output path")
+
+
+def finish_trained_folder(tmp: Path, projector_state: Mapping[str, torch.Tensor], settings: TrainedModelConfig,
+                          llm_config: LLMConfig, provenance: Mapping[str, Any] | None) -> None:
+    """Write the projector, model.json and, last, the manifest into `tmp`, which already holds the LLM,
+    vision and tokenizer folders."""
+    _write_projector(tmp / PROJECTOR_FILE, projector_state)
+    document = {"format": FORMAT, "format_version": FORMAT_VERSION, **settings.to_dict(),
+                "llm": {"vocab_size": llm_config.vocab_size, "hidden_size": llm_config.hidden_size},
+                "provenance": dict(provenance or {})}
+    write_json_atomic(tmp / MODEL_CONFIG, document)
+    files = {str(path.relative_to(tmp)): file_entry(path) for path in sorted(tmp.rglob("*")) if path.is_file()}
+    write_manifest(tmp, {"format": FORMAT, "format_version": FORMAT_VERSION, "files": files})
 
 
 def _write_llm(dest: Path, llm: Path | str | NevaLLM, dtype: str, provenance: Mapping[str, Any] | None) -> None:
