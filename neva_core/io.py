@@ -313,6 +313,17 @@ def write_manifest(folder: Path, manifest: dict[str, Any]) -> Path:
     return path
 
 
+def read_json(path: Path, missing: str) -> Any:
+    """The JSON document at `path`; NevaError `missing` when there is no such file, or naming it when it
+    is not JSON."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise NevaError(missing) from None
+    except json.JSONDecodeError as exc:
+        raise NevaError(f"{path} is not valid JSON ({exc})") from exc
+
+
 def read_manifest(folder: Path | str) -> dict[str, Any]:
     path = Path(folder) / MANIFEST_NAME
     if not path.is_file():
