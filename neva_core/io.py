@@ -192,6 +192,12 @@ def commit_output(
         return result
 
 
+def refuse_existing(folder: Path) -> None:
+    """`commit_output`'s reuse check for outputs whose inputs (weights in memory) cannot be compared:
+    any folder already there is refused, never replaced."""
+    raise NevaError(f"{folder} already exists; remove it or choose another output path")
+
+
 def _publish(tmp: Path, dest: Path) -> None:
     fsync_dir(tmp)
     previous = None

@@ -44,6 +44,7 @@ from neva_core.io import (
     commit_output,
     file_entry,
     read_manifest,
+    refuse_existing,
     sha256_file,
     verify_files,
     write_json_atomic,
@@ -74,7 +75,6 @@ from neva_core.model.trained import (
     rank_tensors_from_full,
     read_projector,
     read_trained_config,
-    refuse_existing,
     save_trained_model,
 )
 from neva_core.model.vision import (

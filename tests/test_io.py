@@ -18,6 +18,7 @@ from neva_core.io import (
     lock_path,
     prune_outputs,
     read_manifest,
+    refuse_existing,
     temp_name,
     verify_files,
     write_manifest,
@@ -127,6 +128,9 @@ def test_commit_output_reuses_rebuilds_and_never_replaces_foreign_folders(tmp_pa
     with pytest.raises(NevaError, match="not ours"):
         commit_output(mine, reuse=reuse_marker("a"), build=build_with("a"))
     assert list(mine.iterdir()) == []
+    with pytest.raises(NevaError, match="already exists"):
+        commit_output(dest, reuse=refuse_existing, build=build_with("c"))
+    assert (dest / "data").read_text() == "data for b"
 
 
 def test_commit_output_resumes_only_this_hosts_dead_writers(tmp_path: Path) -> None:

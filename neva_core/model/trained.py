@@ -52,6 +52,7 @@ from neva_core.io import (
     file_entry,
     is_temp_name,
     read_manifest,
+    refuse_existing,
     verify_files,
     write_json_atomic,
     write_manifest,
@@ -207,12 +208,6 @@ def save_trained_model(
     if isinstance(llm, NevaLLM) and tp_world_size(llm.tp_group) > 1:
         dist.barrier(group=llm.tp_group)
     return out_dir
-
-
-def refuse_existing(folder: Path) -> None:
-    """`commit_output`'s reuse check for outputs whose inputs (weights in memory) cannot be compared:
-    any folder already there is refused, never replaced."""
-    raise NevaError(f"{folder} already exists; remove it or choose another output path")
 
 
 def finish_trained_folder(tmp: Path, projector_state: Mapping[str, torch.Tensor], settings: TrainedModelConfig,
