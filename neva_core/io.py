@@ -75,14 +75,18 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def _abandoned_temps(folder: Path, target: str | None) -> Iterator[Path]:
-    """Temporaries in `folder` (of `target` only, if given) that this host wrote and whose writer is gone."""
+def _abandoned_temps(folder: Path, target: str) -> Iterator[Path]:
+    """Temporaries of `target` in `folder` that this host wrote and whose writer is gone.
+
+    A killed run can leave gigabytes under a temporary name; nothing trusts it, but the disk space must
+    come back. Temporaries of a live process here, and every temporary another host wrote, are left alone.
+    """
     if not folder.is_dir():
         return
     host = _host()
     for entry in sorted(folder.iterdir()):
         match = _TEMP_NAME.fullmatch(entry.name)
-        if not match or (target is not None and match["target"] != target):
+        if not match or match["target"] != target:
             continue
         if match["host"] not in (None, host):
             log.warning("leaving %s alone: host %s wrote it (remove it by hand once no run there is writing it)",
@@ -97,18 +101,6 @@ def _remove(entry: Path) -> None:
         shutil.rmtree(entry, ignore_errors=True)
     else:
         entry.unlink(missing_ok=True)
-
-
-def remove_stale_temps(folder: Path, target: str | None = None) -> None:
-    """Delete temporaries in `folder` (of the file named `target` only, if given) whose writer is gone.
-
-    A killed run can leave gigabytes under a temporary name; nothing ever trusts it, but the disk space
-    must come back. The writer's host and pid are part of the name (`temp_name`): temporaries of a live
-    process here, and every temporary another host wrote, are left alone.
-    """
-    for entry in _abandoned_temps(folder, target):
-        log.info("removing %s, left by an interrupted run", entry)
-        _remove(entry)
 
 
 # --- the lock ---------------------------------------------------------------------------------------
@@ -209,6 +201,12 @@ def commit_output(
                 shutil.rmtree(tmp, ignore_errors=True)
             raise
         return result
+
+
+def refuse_existing(folder: Path) -> None:
+    """`commit_output`'s reuse check for outputs whose inputs (weights in memory) cannot be compared:
+    any folder already there is refused, never replaced."""
+    raise NevaError(f"{folder} already exists; remove it or choose another output path")
 
 
 def _publish(tmp: Path, dest: Path) -> None:
@@ -350,6 +348,17 @@ def write_manifest(folder: Path, manifest: dict[str, Any]) -> Path:
     path = folder / MANIFEST_NAME
     write_json_atomic(path, manifest)
     return path
+
+
+def read_json(path: Path, missing: str) -> Any:
+    """The JSON document at `path`; NevaError `missing` when there is no such file, or naming it when it
+    is not JSON."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise NevaError(missing) from None
+    except json.JSONDecodeError as exc:
+        raise NevaError(f"{path} is not valid JSON ({exc})") from exc
 
 
 def read_manifest(folder: Path | str) -> dict[str, Any]:

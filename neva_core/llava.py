@@ -41,12 +41,11 @@ from neva_core.data.templates import chat_template
 from neva_core.data.text_tokenizer import load_text_tokenizer
 from neva_core.errors import NevaError
 from neva_core.io import (
-    atomic_dir,
+    commit_output,
     file_entry,
     read_manifest,
-    remove_stale_temps,
+    refuse_existing,
     sha256_file,
-    temp_name,
     verify_files,
     write_json_atomic,
     write_manifest,
@@ -57,6 +56,7 @@ from neva_core.model.llava_hf import (
     hf_llm_file_tensors,
     llava_parts,
 )
+from neva_core.model.llm import NevaLLM
 from neva_core.model.neva import NevaModel
 from neva_core.model.parallel import TPGroup
 from neva_core.model.projector import (
@@ -71,7 +71,7 @@ from neva_core.model.trained import (
     VISION_DIR,
     TrainedModelConfig,
     assemble_model,
-    build_llm,
+    finish_trained_folder,
     rank_tensors_from_full,
     read_projector,
     read_trained_config,
@@ -106,29 +106,35 @@ def export_llava(in_dir: Path | str, out_dir: Path | str, *,
         raise NevaError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
     folder, settings, _ = read_trained_config(in_dir, deep=True)
     parent = {"path": str(folder.resolve()), "manifest_sha256": sha256_file(folder / "manifest.json")}
-    if _finished_export(out_dir, parent["manifest_sha256"]):
+
+    def build(tmp: Path) -> Path:
+        _write_export(tmp, folder, settings, parent, max_shard_bytes)
         return out_dir
+
+    return commit_output(out_dir, reuse=lambda found: _finished_export(found, parent["manifest_sha256"]),
+                         build=build)
+
+
+def _write_export(tmp: Path, folder: Path, settings: TrainedModelConfig, parent: dict[str, str],
+                  max_shard_bytes: int) -> None:
     vision_dir = folder / VISION_DIR
     vision_config = read_vision_config(vision_dir)
     vision = {FILE_PREFIXES["vision"] + name: t for name, t in read_vision_weights(vision_dir).items()}
     projector = {FILE_PREFIXES["projector"] + name: t for name, t in
                  hf_projector_tensors(settings.projector_type, read_projector(folder / PROJECTOR_FILE)).items()}
-    remove_stale_temps(out_dir.parent, out_dir.name)
     with NativeReader(folder / LLM_DIR, deep=True) as reader:
         dtype = DTYPES[reader.dtype]
         llm_specs = [TensorSpec(FILE_PREFIXES["llm"] + name, dtype, shape)
                      for name, shape in hf_tensor_shapes(reader.config).items()]
         extra_specs = [TensorSpec(name, dtype, tuple(t.shape)) for name, t in {**vision, **projector}.items()]
         config = _llava_config(settings, reader, vision_config)
-        log.info("exporting %s -> %s (LlavaForConditionalGeneration, %s)", folder, out_dir, reader.dtype)
-        with atomic_dir(out_dir) as tmp:
-            tensors = _export_tensors(reader, {**vision, **projector}, dtype)
-            files = write_hf_weights(tmp, llm_specs + extra_specs, prefetched(tensors), max_shard_bytes)
-            write_json_atomic(tmp / "config.json", config)
-            processor_files = _write_processor(tmp, folder, settings)
-            files.update({name: file_entry(tmp / name) for name in ["config.json", *processor_files]})
-            write_manifest(tmp, {"format": EXPORT_FORMAT, "parent": parent, "files": files})
-    return out_dir
+        log.info("exporting %s (LlavaForConditionalGeneration, %s)", folder, reader.dtype)
+        tensors = _export_tensors(reader, {**vision, **projector}, dtype)
+        files = write_hf_weights(tmp, llm_specs + extra_specs, prefetched(tensors), max_shard_bytes)
+        write_json_atomic(tmp / "config.json", config)
+        processor_files = _write_processor(tmp, folder, settings)
+        files.update({name: file_entry(tmp / name) for name in ["config.json", *processor_files]})
+        write_manifest(tmp, {"format": EXPORT_FORMAT, "parent": parent, "files": files})
 
 
 def _export_tensors(reader: NativeReader, extra: dict[str, torch.Tensor],
@@ -214,16 +220,14 @@ def image_token_string(tokenizer: Any, image_token_id: int, tokenizer_dir: Path)
     return token
 
 
-def _finished_export(out_dir: Path, parent_manifest_sha256: str) -> bool:
-    if not out_dir.exists():
-        return False
+def _finished_export(out_dir: Path, parent_manifest_sha256: str) -> Path:
     manifest = read_manifest(out_dir)
     if manifest.get("format") != EXPORT_FORMAT or manifest.get("parent", {}).get("manifest_sha256") != parent_manifest_sha256:
         raise NevaError(f"{out_dir} already exists and is not an export of this trained model; "
                         f"delete it or choose another output folder")
     verify_files(out_dir, manifest["files"], check_hash=False)
     log.info("%s already holds this export; nothing to do", out_dir)
-    return True
+    return out_dir
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,7 +238,8 @@ def model_from_llava_state(state: Mapping[str, torch.Tensor], llava_config: Mapp
                            template: str, tp_group: TPGroup = None, source: str = "the LLaVA weights") -> NevaModel:
     """A NevaModel (this rank of `tp_group`) holding an in-memory HF LLaVA model's weights."""
     parts = llava_parts(state, llava_config, source)
-    llm = build_llm(parts.llm_config, rank_tensors_from_full(parts.llm_tensors(), parts.llm_config, tp_group), tp_group)
+    llm = NevaLLM.from_rank_tensors(parts.llm_config, rank_tensors_from_full(parts.llm_tensors(), parts.llm_config,
+                                                                     tp_group), tp_group)
     vision = VisionTower.from_state(parts.vision_config, parts.vision_tensors, parts.vision_select_layer,
                                     source=source)
     settings = TrainedModelConfig(family=parts.llm_config.family, template=template,
@@ -290,29 +295,23 @@ def import_llava_hf(hf_dir: Path | str, out_dir: Path | str, *, template: str) -
             image_size=parts.vision_config.image_size, patch_size=parts.vision_config.patch_size,
             image_token_id=parts.image_token_id, vision_select_layer=parts.vision_select_layer,
         )
-        staging_name = f"{out_dir.name}-import"
-        remove_stale_temps(out_dir.parent, staging_name)
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        staging_dir = temp_name(out_dir.with_name(staging_name))  # beside out_dir, so the files hard-link
-        staging_dir.mkdir()
-        try:
-            save_native(staging_dir / LLM_DIR, parts.llm_config, tp=1, dtype=dtype,
+
+        def build(tmp: Path) -> None:
+            save_native(tmp / LLM_DIR, parts.llm_config, tp=1, dtype=dtype,
                         provenance=Provenance(source={"llava_hf": str(hf_dir.resolve())},
                                               original_vocab_size=parts.llm_config.vocab_size,
                                               hf_config=llava_config["text_config"]),
                         tensors=((name, t.to(DTYPES[dtype])) for name, t in parts.llm_tensors()),
                         wanted={"tp": 1, "dtype": dtype})
-            vision_dir = staging_dir / VISION_DIR
-            _write_vision_folder(vision_dir, parts.vision_config, parts.vision_tensors, image_processor)
-            tokenizer_dir = staging_dir / TOKENIZER_DIR
-            tokenizer_dir.mkdir()
+            _write_vision_folder(tmp / VISION_DIR, parts.vision_config, parts.vision_tensors, image_processor)
+            (tmp / TOKENIZER_DIR).mkdir()
             for name in tokenizer_files:
-                shutil.copy2(hf_dir / name, tokenizer_dir / name)
-            return save_trained_model(out_dir, llm=staging_dir / LLM_DIR, projector=parts.projector_tensors,
-                                      vision_dir=vision_dir, tokenizer_dir=tokenizer_dir, settings=settings,
-                                      dtype=dtype, provenance={"imported_from": str(hf_dir.resolve())})
-        finally:
-            shutil.rmtree(staging_dir, ignore_errors=True)
+                shutil.copy2(hf_dir / name, tmp / TOKENIZER_DIR / name)
+            finish_trained_folder(tmp, parts.projector_tensors, settings, parts.llm_config,
+                                  {"imported_from": str(hf_dir.resolve())})
+
+        commit_output(out_dir, reuse=refuse_existing, build=build)
+    return out_dir
 
 
 class _RenamedReader:

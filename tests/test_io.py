@@ -18,7 +18,7 @@ from neva_core.io import (
     lock_path,
     prune_outputs,
     read_manifest,
-    remove_stale_temps,
+    refuse_existing,
     temp_name,
     verify_files,
     write_manifest,
@@ -73,7 +73,7 @@ def this_hosts_temp(dest: Path, pid: int) -> Path:
     return dest.with_name(temp_name(dest).name.replace(f"-{os.getpid()}-", f"-{pid}-"))
 
 
-def test_stale_temporaries_of_dead_writers_are_removed_but_never_another_hosts(tmp_path: Path) -> None:
+def test_commit_removes_stale_temporaries_of_dead_writers_but_never_another_hosts(tmp_path: Path) -> None:
     dest = tmp_path / "shards"
     live = temp_name(dest)  # this process: still writing
     live.mkdir()
@@ -85,10 +85,10 @@ def test_stale_temporaries_of_dead_writers_are_removed_but_never_another_hosts(t
     other_host.mkdir()
     other = this_hosts_temp(tmp_path / "other", DEAD_PID)
     other.write_bytes(b"x")
-    remove_stale_temps(tmp_path, dest.name)
+    commit_output(dest, reuse=reuse_marker("a"), build=build_with("a"))  # cleans up dest's temporaries only
     assert live.exists() and not dead.exists() and not legacy.exists() and other.exists()
     assert other_host.exists()
-    remove_stale_temps(tmp_path)
+    commit_output(tmp_path / "other", reuse=reuse_marker("a"), build=build_with("a"))
     assert live.exists() and not other.exists() and other_host.exists()
     assert f"-{os.getpid()}-" in live.name and socket.gethostname().replace("-", "_") in live.name
 
@@ -128,6 +128,9 @@ def test_commit_output_reuses_rebuilds_and_never_replaces_foreign_folders(tmp_pa
     with pytest.raises(NevaError, match="not ours"):
         commit_output(mine, reuse=reuse_marker("a"), build=build_with("a"))
     assert list(mine.iterdir()) == []
+    with pytest.raises(NevaError, match="already exists"):
+        commit_output(dest, reuse=refuse_existing, build=build_with("c"))
+    assert (dest / "data").read_text() == "data for b"
 
 
 def test_commit_output_resumes_only_this_hosts_dead_writers(tmp_path: Path) -> None:

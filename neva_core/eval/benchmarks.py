@@ -25,6 +25,7 @@ from PIL import Image
 from neva_core.errors import NevaError
 from neva_core.eval.coco import load_ground_truth
 from neva_core.eval.prompts import mmmu_question
+from neva_core.io import read_json
 
 MMMU_IMAGE_COLUMNS = tuple(f"image_{i}" for i in range(1, 8))
 COCO_IMAGE_NAME = "COCO_val2014_{:012d}.jpg"
@@ -62,12 +63,7 @@ class _ImageFiles:
         data = self._read(name)
         if data is None:
             raise NevaError(f"image {name} is not in {self.path}")
-        try:
-            image = Image.open(io.BytesIO(data))
-            image.load()
-        except OSError as exc:
-            raise NevaError(f"image {name} in {self.path} cannot be decoded ({exc})") from None
-        return image.convert("RGB")
+        return _decode_image(data, f"image {name} in {self.path}")
 
     def find(self, names: tuple[str, ...]) -> str | None:
         return next((n for n in names if self._member(n) is not None), None)
@@ -161,11 +157,16 @@ def _decode_embedded(value: Any, sample_id: str) -> Image.Image:
     data = value.get("bytes") if isinstance(value, dict) else None
     if not data:
         raise NevaError(f"MMMU sample {sample_id!r}: image_1 has no embedded bytes; use the dataset with images")
+    return _decode_image(data, f"MMMU sample {sample_id!r}: image_1")
+
+
+def _decode_image(data: bytes, what: str) -> Image.Image:
+    """The RGB image encoded in `data`; NevaError naming `what` when it cannot be decoded."""
     try:
         image = Image.open(io.BytesIO(data))
         image.load()
     except OSError as exc:
-        raise NevaError(f"MMMU sample {sample_id!r}: image_1 cannot be decoded ({exc})") from None
+        raise NevaError(f"{what} cannot be decoded ({exc})") from None
     return image.convert("RGB")
 
 
@@ -182,12 +183,7 @@ def write_mmmu_answers(path: Path, split: str = "validation") -> dict[str, dict[
 def read_textvqa(json_path: Path, images: Path) -> Iterator[EvalSample]:
     """TextVQA questions (sample_id = question_id) with their image and the 10 annotators' answers."""
     json_path = Path(json_path)
-    try:
-        data = json.loads(json_path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise NevaError(f"{json_path} does not exist (TextVQA_0.5.1_val.json)") from None
-    except json.JSONDecodeError as exc:
-        raise NevaError(f"{json_path} is not valid JSON ({exc})") from exc
+    data = read_json(json_path, f"{json_path} does not exist (TextVQA_0.5.1_val.json)")
     records = data["data"] if isinstance(data, dict) and "data" in data else data
     files = _ImageFiles(images)
     for record in records:

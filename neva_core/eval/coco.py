@@ -11,7 +11,6 @@ The two sides are tokenised in one Java run instead of two: the tokenizer works 
 
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 
 from neva_core.errors import NevaError
 from neva_core.eval.predictions import Predictions, expect_type, read_predictions
+from neva_core.io import read_json
 
 _GT, _PRED = "gt", "pred"
 
@@ -33,12 +33,7 @@ class GroundTruth:
 def load_ground_truth(path: Path) -> GroundTruth:
     """A COCO-format caption file: {"images": [{"id", "file_name"?}], "annotations": [{"image_id", "caption"}]}."""
     path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise NevaError(f"ground-truth file {path} does not exist (coco_karpathy_test_gt.json, COCO format)") from None
-    except json.JSONDecodeError as exc:
-        raise NevaError(f"{path} is not valid JSON ({exc})") from exc
+    data = read_json(path, f"ground-truth file {path} does not exist (coco_karpathy_test_gt.json, COCO format)")
     try:
         images = {image["id"]: image.get("file_name") for image in data["images"]}
         references: dict[int, list[str]] = {}

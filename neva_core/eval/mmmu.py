@@ -16,7 +16,6 @@ accuracies rounded to 4 decimals instead of 3 when reported.
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from collections.abc import Callable
@@ -26,6 +25,7 @@ from typing import Any
 
 from neva_core.errors import NevaError
 from neva_core.eval.predictions import expect_type, read_predictions
+from neva_core.io import read_json
 
 MODES = ("official", "megatron")
 RANDOM_SEED = 42
@@ -204,12 +204,7 @@ def subject_of(sample_id: str) -> str:
 def load_answers(path: Path) -> dict[str, dict[str, Any]]:
     """MMMU's answer_dict_*.json: {id: {"question_type": ..., "ground_truth": letter | answer(s)}}."""
     path = Path(path)
-    try:
-        answers = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise NevaError(f"answer file {path} does not exist (MMMU's answer_dict_val.json)") from None
-    except json.JSONDecodeError as exc:
-        raise NevaError(f"{path} is not valid JSON ({exc})") from exc
+    answers = read_json(path, f"answer file {path} does not exist (MMMU's answer_dict_val.json)")
     if not isinstance(answers, dict) or not all(
         isinstance(v, dict) and {"question_type", "ground_truth"} <= v.keys() for v in answers.values()
     ):

@@ -16,6 +16,7 @@ plain causal and takes SDPA's fused `is_causal` path.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -313,14 +314,33 @@ class NevaLLM(nn.Module):
                 f"rewrite it with `neva repartition --in {folder} --out DIR --tp {tp}`"
             )
         tensors = load_native_rank(folder, tp_rank(tp_group), verify=verify)
+        return cls.from_rank_tensors(
+            config, tensors, tp_group, dtype=dtype, device=device, activation_checkpointing=activation_checkpointing,
+            mismatch=f"{folder}: rank {tp_rank(tp_group)} does not fit the model its config.json describes",
+        )
+
+    @classmethod
+    def from_rank_tensors(
+        cls,
+        config: LLMConfig,
+        rank_tensors: Mapping[str, torch.Tensor],
+        tp_group: TPGroup = None,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        activation_checkpointing: bool = False,
+        mismatch: str = "the LLM tensors do not fit the model their config describes",
+    ) -> NevaLLM:
+        """This rank's model holding `rank_tensors` (this rank's shards), built on the meta device (no
+        memory, no random init); dtype and device None keep the tensors'. `mismatch` starts the error
+        raised when the tensors do not fit `config`."""
         with torch.device("meta"):
             model = cls(config, tp_group, activation_checkpointing=activation_checkpointing)
-        tensors = {name: tensor.to(device=device, dtype=dtype) for name, tensor in tensors.items()}
+        tensors = {name: tensor.to(device=device, dtype=dtype) for name, tensor in rank_tensors.items()}
         try:
-            model.load_state_dict(tensors, assign=True)
+            model.load_state_dict(tensors, strict=True, assign=True)
         except RuntimeError as exc:
-            raise NevaError(f"{folder}: rank {tp_rank(tp_group)} does not fit the model its config.json "
-                            f"describes ({exc})") from exc
+            raise NevaError(f"{mismatch} ({exc})") from exc
         # assign=True put new Parameter objects in place, without the TP tags DeepSpeed's grad norm reads.
         mark_tensor_parallel_parameters(model)
         return model

@@ -47,11 +47,11 @@ from neva_core.data.templates import TEMPLATES
 from neva_core.errors import NevaError
 from neva_core.io import (
     MANIFEST_NAME,
-    atomic_dir,
+    commit_output,
     file_entry,
     is_temp_name,
     read_manifest,
-    remove_stale_temps,
+    refuse_existing,
     verify_files,
     write_json_atomic,
     write_manifest,
@@ -61,7 +61,6 @@ from neva_core.model.llm import NevaLLM
 from neva_core.model.neva import NevaModel
 from neva_core.model.parallel import (
     TPGroup,
-    mark_tensor_parallel_parameters,
     tp_rank,
     tp_world_size,
 )
@@ -123,24 +122,6 @@ class TrainedModelConfig:
 # Building a model from weights
 
 
-def build_llm(config: LLMConfig, rank_tensors: Mapping[str, torch.Tensor], tp_group: TPGroup = None,
-              dtype: torch.dtype | None = None, activation_checkpointing: bool = False) -> NevaLLM:
-    """A NevaLLM holding this rank's tensors, built on the meta device (no random initialisation drawn).
-
-    `load_state_dict(assign=True)` replaces the parameters, so the tensor-parallel attributes DeepSpeed
-    needs for the gradient norm are put back afterwards.
-    """
-    with torch.device("meta"):
-        llm = NevaLLM(config, tp_group, activation_checkpointing=activation_checkpointing)
-    tensors = {name: t if dtype is None else t.to(dtype) for name, t in rank_tensors.items()}
-    try:
-        llm.load_state_dict(tensors, strict=True, assign=True)
-    except RuntimeError as exc:
-        raise NevaError(f"the LLM tensors do not fit the model their config describes ({exc})") from exc
-    mark_tensor_parallel_parameters(llm)
-    return llm
-
-
 def rank_tensors_from_full(full: Iterable[tuple[str, torch.Tensor]], config: LLMConfig,
                            tp_group: TPGroup = None) -> dict[str, torch.Tensor]:
     """This rank's shards of canonical full tensors (vocab padded for the group's size)."""
@@ -188,7 +169,8 @@ def save_trained_model(
     dtype: str = "fp32",
     provenance: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write a complete trained-model folder at `out_dir` (which must not exist); return it.
+    """Write a complete trained-model folder at `out_dir` (which must not exist; see `io.commit_output`);
+    return it.
 
     `llm` is a native checkpoint folder (its files are hard-linked, or copied across filesystems) or a
     NevaLLM, whose tensors are written as a TP=1 native checkpoint in `dtype`. A tensor-parallel NevaLLM
@@ -215,21 +197,30 @@ def save_trained_model(
             pass
         dist.barrier(group=llm.tp_group)
         return out_dir
-    remove_stale_temps(out_dir.parent, out_dir.name)
-    with atomic_dir(out_dir) as tmp:
+
+    def build(tmp: Path) -> None:
         _write_llm(tmp / LLM_DIR, llm, dtype, provenance)
-        _write_projector(tmp / PROJECTOR_FILE, state)
         link_or_copy_tree(vision_dir, tmp / VISION_DIR)
         link_or_copy_tree(tokenizer_dir, tmp / TOKENIZER_DIR)
-        document = {"format": FORMAT, "format_version": FORMAT_VERSION, **settings.to_dict(),
-                    "llm": {"vocab_size": llm_config.vocab_size, "hidden_size": llm_config.hidden_size},
-                    "provenance": dict(provenance or {})}
-        write_json_atomic(tmp / MODEL_CONFIG, document)
-        files = {str(path.relative_to(tmp)): file_entry(path) for path in sorted(tmp.rglob("*")) if path.is_file()}
-        write_manifest(tmp, {"format": FORMAT, "format_version": FORMAT_VERSION, "files": files})
+        finish_trained_folder(tmp, state, settings, llm_config, provenance)
+
+    commit_output(out_dir, reuse=refuse_existing, build=build)
     if isinstance(llm, NevaLLM) and tp_world_size(llm.tp_group) > 1:
         dist.barrier(group=llm.tp_group)
     return out_dir
+
+
+def finish_trained_folder(tmp: Path, projector_state: Mapping[str, torch.Tensor], settings: TrainedModelConfig,
+                          llm_config: LLMConfig, provenance: Mapping[str, Any] | None) -> None:
+    """Write the projector, model.json and, last, the manifest into `tmp`, which already holds the LLM,
+    vision and tokenizer folders."""
+    _write_projector(tmp / PROJECTOR_FILE, projector_state)
+    document = {"format": FORMAT, "format_version": FORMAT_VERSION, **settings.to_dict(),
+                "llm": {"vocab_size": llm_config.vocab_size, "hidden_size": llm_config.hidden_size},
+                "provenance": dict(provenance or {})}
+    write_json_atomic(tmp / MODEL_CONFIG, document)
+    files = {str(path.relative_to(tmp)): file_entry(path) for path in sorted(tmp.rglob("*")) if path.is_file()}
+    write_manifest(tmp, {"format": FORMAT, "format_version": FORMAT_VERSION, "files": files})
 
 
 def _write_llm(dest: Path, llm: Path | str | NevaLLM, dtype: str, provenance: Mapping[str, Any] | None) -> None:
@@ -346,6 +337,7 @@ def load_trained_model(folder: Path | str, tp_group: TPGroup = None, dtype: torc
     else:
         with NativeReader(llm_dir, deep=deep) as reader:
             rank_tensors = rank_tensors_from_full(reader.full_tensors(), config, tp_group)
-    llm = build_llm(config, rank_tensors, tp_group, dtype, activation_checkpointing)
+    llm = NevaLLM.from_rank_tensors(config, rank_tensors, tp_group, dtype=dtype,
+                                    activation_checkpointing=activation_checkpointing)
     vision = VisionTower.from_folder(folder / VISION_DIR, settings.vision_select_layer, dtype or torch.float32)
     return assemble_model(llm, vision, settings, read_projector(folder / PROJECTOR_FILE), dtype)

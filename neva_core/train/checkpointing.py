@@ -312,6 +312,7 @@ def save_checkpoint(
     (counters, config, code version). expected_bytes: the size a first save is checked against.
     """
     folder = checkpoints_dir(out)
+    # Not io.commit_output: every rank writes into this folder and rank 0 commits it after a barrier.
     tmp = folder / f".step-{step}.tmp-{socket.gethostname()}-{os.getpid()}"
     problem = None
     if comm.rank == 0:
