@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "convert",
     "repartition",
     "export",
+    "llava_import",
     "demo",
     "eval",
 )

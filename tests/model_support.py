@@ -129,3 +129,17 @@ def run_distributed(fn: Callable[..., Any], world: int, out_dir: Path, *args: An
         errors = "\n".join(p.read_text() for p in sorted(out_dir.glob("rank*.error")))
         raise AssertionError(f"distributed run failed:\n{errors or exc}") from exc
     return [torch.load(out_dir / f"rank{rank}.pt", weights_only=True) for rank in range(world)]
+
+
+def converted_fixture_llama(folder: Path, *, tp: int = 1, vocab_size: int = 300, seed: int = 0,
+                            **arch: Any) -> tuple[Path, Path]:
+    """The fixture LLaMA (neva_core.fixtures) saved as an HF folder and converted by `neva convert` at `tp`.
+
+    Returns (hf_dir, native_dir); `arch` overrides LlamaConfig fields (e.g. initializer_range).
+    """
+    from neva_core.checkpoint.convert import convert_hf_checkpoint
+    from neva_core.fixtures import write_tiny_llama
+
+    hf_dir = write_tiny_llama(folder / "hf", vocab_size, seed, **arch)
+    convert_hf_checkpoint(hf_dir, folder / f"native-tp{tp}", tp=tp)
+    return hf_dir, folder / f"native-tp{tp}"

@@ -10,10 +10,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from model_support import run_distributed, tiny_config
+from neva_core.checkpoint.layout import Provenance, save_native
 from neva_core.checkpoint.partition import merge_tensor, split_tensor
 from neva_core.errors import NevaError
+from neva_core.generate import greedy_generate
 from neva_core.model.config import LLMConfig
-from neva_core.model.llm import NevaLLM, gather_logits
+from neva_core.model.llm import KVCache, NevaLLM, gather_logits
 from neva_core.model.parallel import (
     copy_to_tp_region,
     gather_from_tp_region,
@@ -84,7 +86,32 @@ def ce_step(group: Any, tp: int, rank: int) -> dict[str, torch.Tensor]:
     return {"losses": losses.detach(), "grad": local.grad}
 
 
-def tp_worker(rank: int, world: int, group: Any, weights_path: str) -> dict[str, Any]:
+def decode_inputs(vocab: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A right-padded prompt batch and the tokens fed one by one after it."""
+    generator = torch.Generator().manual_seed(6)
+    prompt = torch.randint(0, vocab, (2, 7), generator=generator)
+    mask = torch.ones_like(prompt, dtype=torch.bool)
+    mask[1, 4:] = False
+    return prompt, mask, torch.randint(0, vocab, (2, 3), generator=generator)
+
+
+def decode_step(model: NevaLLM) -> dict[str, Any]:
+    """Prefill and one-token steps through a KV cache (gathered logits), greedy tokens, and the TP tags."""
+    prompt, mask, new_tokens = decode_inputs(model.config.vocab_size)
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    cache = KVCache.for_model(model, 2, prompt.shape[1] + new_tokens.shape[1])
+    with torch.no_grad():
+        logits = [model(prompt, position_ids=positions, attention_mask=mask, kv_cache=cache)]
+        next_position = mask.sum(-1, keepdim=True)
+        for step in range(new_tokens.shape[1]):
+            logits.append(model(new_tokens[:, step : step + 1], position_ids=next_position + step, kv_cache=cache))
+    return {"logits": [gather_logits(part, model.tp_group) for part in logits],
+            "generated": torch.tensor(greedy_generate(model, prompt, attention_mask=mask, max_new_tokens=6)),
+            "tags": {name: (getattr(p, "tensor_model_parallel", False), getattr(p, "partition_dim", -1))
+                     for name, p in model.named_parameters()}}
+
+
+def tp_worker(rank: int, world: int, group: Any, weights_path: str, native_root: str) -> dict[str, Any]:
     del group  # TP groups are built here: the whole world (TP4) and the pairs {0,1}, {2,3} (TP2)
     all_weights = torch.load(weights_path, weights_only=True)
     pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]
@@ -94,6 +121,7 @@ def tp_worker(rank: int, world: int, group: Any, weights_path: str) -> dict[str,
         for name, config in CONFIGS.items():
             results[f"{name}-tp{tp}"] = model_step(config, all_weights[name], tp_group, tp)
         results[f"ce-tp{tp}"] = ce_step(tp_group, tp, dist.get_rank(tp_group))
+        results[f"decode-tp{tp}"] = decode_step(NevaLLM.from_rank_file(f"{native_root}/tp{tp}", tp_group))
         torch.manual_seed(5)
         results[f"init-tp{tp}"] = NevaLLM(CONFIGS["gqa"], tp_group).state_dict()
     return results
@@ -108,7 +136,12 @@ def weights() -> dict[str, dict[str, torch.Tensor]]:
 def rank_results(tmp_path_factory: pytest.TempPathFactory, weights: dict) -> list[dict[str, Any]]:
     workdir = tmp_path_factory.mktemp("tp")
     torch.save(weights, workdir / "weights.pt")
-    return run_distributed(tp_worker, WORLD, workdir / "out", str(workdir / "weights.pt"))
+    config = CONFIGS["gqa"]
+    for tp in TP_SIZES:  # the gqa model as native checkpoints, loaded by NevaLLM.from_rank_file on each rank
+        save_native(workdir / "native" / f"tp{tp}", config, tp=tp, dtype="fp32",
+                    provenance=Provenance(source={}, original_vocab_size=config.vocab_size),
+                    tensors=iter(weights["gqa"].items()))
+    return run_distributed(tp_worker, WORLD, workdir / "out", str(workdir / "weights.pt"), str(workdir / "native"))
 
 
 @pytest.fixture(scope="module")
@@ -239,3 +272,32 @@ def test_cross_entropy_refuses_a_second_backward_through_the_same_graph() -> Non
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="backpropagated twice"):
         loss.backward()
+
+
+@pytest.fixture(scope="module")
+def tp1_decode(weights: dict) -> dict[str, Any]:
+    """TP=1: every position's logits recomputed over the whole sequence, and the greedy tokens."""
+    config = CONFIGS["gqa"]
+    model = NevaLLM(config).eval()
+    model.load_state_dict({name: split_tensor(name, full, config, 1)[0] for name, full in weights["gqa"].items()})
+    prompt, mask, new_tokens = decode_inputs(config.vocab_size)
+    full_mask = torch.cat([mask, torch.ones_like(new_tokens, dtype=torch.bool)], dim=1)
+    with torch.no_grad():
+        full = model(torch.cat([prompt, new_tokens], dim=1), attention_mask=full_mask,
+                     position_ids=(full_mask.long().cumsum(-1) - 1).clamp(min=0))
+    return {"full": full, "mask": mask, "tags": decode_step(model)["tags"],
+            "generated": torch.tensor(greedy_generate(model, prompt, attention_mask=mask, max_new_tokens=6))}
+
+
+@pytest.mark.parametrize("tp", TP_SIZES)
+def test_tp_kv_cache_steps_and_generation_match_tp1(rank_results: list, tp1_decode: dict, tp: int) -> None:
+    vocab, width = CONFIGS["gqa"].vocab_size, tp1_decode["mask"].shape[1]
+    full, mask = tp1_decode["full"][..., :vocab], tp1_decode["mask"]
+    for rank in range(WORLD):
+        decoded = rank_results[rank][f"decode-tp{tp}"]
+        prefill, *steps = [logits[..., :vocab] for logits in decoded["logits"]]
+        torch.testing.assert_close(prefill[mask], full[:, :width][mask])
+        for step, logits in enumerate(steps):
+            torch.testing.assert_close(logits[:, 0], full[:, width + step], msg=f"rank {rank} step {step}")
+        assert torch.equal(decoded["generated"], tp1_decode["generated"])
+        assert decoded["tags"] == tp1_decode["tags"]  # from_rank_file re-applied the TP attributes

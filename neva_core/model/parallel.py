@@ -12,7 +12,8 @@ three autograd functions (Megatron's "mappings"), each the other's transpose so 
 needs to exist. A group of size 1 behaves the same.
 
 Sharded parameters carry `tensor_model_parallel = True`, `partition_dim` and `partition_stride = 1`,
-the attributes DeepSpeed reads to compute gradient norms correctly under TP.
+the attributes DeepSpeed reads to compute gradient norms correctly under TP. Replacing a parameter
+(`load_state_dict(assign=True)`) drops them: `mark_tensor_parallel_parameters` puts them back.
 """
 
 from __future__ import annotations
@@ -48,6 +49,13 @@ def mark_tensor_parallel(param: nn.Parameter, partition_dim: int) -> None:
     param.tensor_model_parallel = True
     param.partition_dim = partition_dim
     param.partition_stride = 1
+
+
+def mark_tensor_parallel_parameters(module: nn.Module) -> None:
+    """Tag the sharded parameters of every tensor-parallel layer inside `module` (again)."""
+    for layer in module.modules():
+        if isinstance(layer, (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding)):
+            layer.mark_parameters()
 
 
 def _all_reduce(tensor: torch.Tensor, group: TPGroup) -> torch.Tensor:
@@ -131,12 +139,16 @@ class ColumnParallelLinear(nn.Module):
         self.tp_group = tp_group
         local_out = divide_evenly(out_features, tp_world_size(tp_group), "output features of a column-parallel layer")
         self.weight = nn.Parameter(torch.empty(local_out, in_features))
-        mark_tensor_parallel(self.weight, partition_dim=0)
         if bias:
             self.bias = nn.Parameter(torch.empty(local_out))
-            mark_tensor_parallel(self.bias, partition_dim=0)
         else:
             self.register_parameter("bias", None)
+        self.mark_parameters()
+
+    def mark_parameters(self) -> None:
+        mark_tensor_parallel(self.weight, partition_dim=0)
+        if self.bias is not None:
+            mark_tensor_parallel(self.bias, partition_dim=0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(copy_to_tp_region(x, self.tp_group), self.weight, self.bias)
@@ -150,6 +162,9 @@ class RowParallelLinear(nn.Module):
         self.tp_group = tp_group
         local_in = divide_evenly(in_features, tp_world_size(tp_group), "input features of a row-parallel layer")
         self.weight = nn.Parameter(torch.empty(out_features, local_in))
+        self.mark_parameters()
+
+    def mark_parameters(self) -> None:
         mark_tensor_parallel(self.weight, partition_dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -166,6 +181,9 @@ class VocabParallelEmbedding(nn.Module):
         self.vocab_start = tp_rank(tp_group) * local_rows
         self.vocab_end = self.vocab_start + local_rows
         self.weight = nn.Parameter(torch.empty(local_rows, embedding_dim))
+        self.mark_parameters()
+
+    def mark_parameters(self) -> None:
         mark_tensor_parallel(self.weight, partition_dim=0)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -240,6 +258,7 @@ def vocab_parallel_cross_entropy(
     ignore_index: int = -100,
     vocab_size: int | None = None,
     reduction: str = "mean",
+    check_labels: bool = True,
 ) -> torch.Tensor:
     """Cross entropy of vocab-sharded logits [..., V/tp] against global label ids [...], never gathering the logits.
 
@@ -247,12 +266,15 @@ def vocab_parallel_cross_entropy(
     softmax (None: every column is a real token). Positions whose label is ignore_index add nothing.
     reduction: "none" (per-token losses, 0 where ignored), "sum", or "mean" over non-ignored tokens
     (0, not NaN, when every token is ignored, so a fully masked batch cannot poison training).
+    check_labels: refuse label ids outside the vocabulary; the check reads values back to the host, so a
+    training step whose labels the data path already validated turns it off.
     """
     if reduction not in ("none", "sum", "mean"):
         raise NevaError(f"reduction must be 'none', 'sum' or 'mean', got {reduction!r}")
     if local_logits.shape[:-1] != labels.shape:
         raise NevaError(f"logits {tuple(local_logits.shape)} and labels {tuple(labels.shape)} do not match")
-    _check_labels(labels, ignore_index, vocab_size or local_logits.shape[-1] * tp_world_size(tp_group))
+    if check_labels:
+        _check_labels(labels, ignore_index, vocab_size or local_logits.shape[-1] * tp_world_size(tp_group))
     losses = _VocabParallelCrossEntropy.apply(local_logits, labels, tp_group, ignore_index, vocab_size)
     if reduction == "none":
         return losses
