@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "repartition",
     "export",
     "llava_import",
+    "generate",
     "demo",
     "eval",
 )

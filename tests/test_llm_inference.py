@@ -100,6 +100,23 @@ def test_kv_cache_steps_equal_a_full_recompute(padded_pair: tuple[torch.nn.Modul
     assert cache.length == width + steps
 
 
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_padded_rows_decode_as_they_would_alone(padded_pair: tuple[torch.nn.Module, NevaLLM], side: str) -> None:
+    """Right padding sits between a prompt and its continuation; Mistral's window must not count it."""
+    _, ours = padded_pair
+    input_ids, mask, positions = padded_batch(ours.config.vocab_size, side)
+    new_tokens = torch.randint(0, ours.config.vocab_size, (len(LENGTHS), 6), generator=torch.Generator().manual_seed(8))
+    cache = KVCache.for_model(ours, len(LENGTHS), input_ids.shape[1] + new_tokens.shape[1])
+    with torch.no_grad():
+        ours(input_ids, position_ids=positions, attention_mask=mask, kv_cache=cache)
+        next_position = mask.sum(-1, keepdim=True)
+        steps = torch.cat([ours(new_tokens[:, i : i + 1], position_ids=next_position + i, kv_cache=cache)
+                           for i in range(new_tokens.shape[1])], dim=1)
+        for row in range(len(LENGTHS)):
+            alone = ours(torch.cat([input_ids[row][mask[row]], new_tokens[row]]).unsqueeze(0))
+            torch.testing.assert_close(steps[row], alone[0, LENGTHS[row] :], msg=f"row {row}")
+
+
 def test_kv_cache_is_per_rank_heads_and_refuses_overflow() -> None:
     config = tiny_config()
     model = NevaLLM(config).eval()

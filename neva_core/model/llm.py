@@ -84,27 +84,35 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 def build_attention_mask(
-    query_len: int, past_len: int, key_mask: torch.Tensor | None, sliding_window: int | None, device: torch.device
+    query_positions: torch.Tensor,
+    key_positions: torch.Tensor,
+    key_mask: torch.Tensor | None,
+    sliding_window: int | None,
 ) -> torch.Tensor | None:
-    """Boolean mask (True = may attend) over keys 0..past_len+query_len-1 for queries past_len.., or None
-    when plain causal attention (SDPA's is_causal) is exactly right.
+    """Boolean mask (True = may attend) of the step's queries over every key, or None when plain causal
+    attention (SDPA's is_causal) is exactly right.
 
-    key_mask [B, past_len+query_len] marks the real tokens; the result is then [B, 1, Tq, Tk], else [Tq, Tk].
+    query_positions [B, Tq] and key_positions [B, Tk] are RoPE positions; the queries are the last Tq keys.
+    key_mask [B, Tk] marks the real tokens. Causality goes by sequence index, the sliding window by
+    position, so padding between a prompt and its continuation does not eat into the window.
     """
-    key_len = past_len + query_len
+    query_len, key_len = query_positions.shape[1], key_positions.shape[1]
+    past_len = key_len - query_len
+    # Positions of real tokens grow by at most one per index, so a window longer than the keys never binds.
     window_binds = sliding_window is not None and key_len > sliding_window
     if key_mask is None and past_len == 0 and not window_binds:
         return None
+    device = key_positions.device
     query = torch.arange(past_len, key_len, device=device).unsqueeze(1)
     key = torch.arange(key_len, device=device).unsqueeze(0)
-    allowed = key <= query
+    allowed = (key <= query).unsqueeze(0)
     if window_binds:
-        allowed = allowed & (key > query - sliding_window)
-    if key_mask is None:
-        return allowed
-    # A padding query may also see itself, so no row is fully masked (SDPA would give NaN); it never
-    # matters, because no real query ever sees a padding key.
-    return (allowed & (key_mask.unsqueeze(1) | (key == query))).unsqueeze(1)
+        allowed = allowed & (key_positions.unsqueeze(1) > query_positions.unsqueeze(2) - sliding_window)
+    if key_mask is not None:
+        # A padding query may also see itself, so no row is fully masked (SDPA would give NaN); it never
+        # matters, because no real query ever sees a padding key.
+        allowed = allowed & (key_mask.unsqueeze(1) | (key == query))
+    return allowed.unsqueeze(1)
 
 
 class KVCache:
@@ -112,8 +120,9 @@ class KVCache:
 
     Each rank caches only its own query groups: [B, local_groups, max_length, head_dim] per layer, before
     the GQA repeat, allocated once. `key_mask` [B, max_length] remembers which cached positions are real
-    tokens, so a forward step passes the attention mask of its new tokens only. `length` is the number of
-    positions filled; NevaLLM.forward advances it after every layer has written its step.
+    tokens and `positions` [B, max_length] their RoPE positions, so a forward step passes the mask and
+    positions of its new tokens only. `length` is the number of positions filled; NevaLLM.forward
+    advances it after every layer has written its step.
     """
 
     def __init__(self, config: LLMConfig, batch_size: int, max_length: int, tp_size: int = 1,
@@ -124,6 +133,7 @@ class KVCache:
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
         self.key_mask = torch.zeros(batch_size, max_length, dtype=torch.bool, device=device)
+        self.positions = torch.zeros(batch_size, max_length, dtype=torch.long, device=device)
         self.length = 0
 
     @classmethod
@@ -140,8 +150,11 @@ class KVCache:
     def max_length(self) -> int:
         return self.key_mask.shape[1]
 
-    def begin_step(self, attention_mask: torch.Tensor | None, batch_size: int, step_len: int) -> torch.Tensor:
-        """Record the new tokens' mask (None: all real); returns the mask of every key the step attends to."""
+    def begin_step(self, attention_mask: torch.Tensor | None,
+                   position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Record the new tokens' mask (None: all real) and positions [B, step]; return the mask and the
+        positions of every key the step attends to."""
+        batch_size, step_len = position_ids.shape
         if batch_size != self.batch_size:
             raise NevaError(f"the KV cache holds {self.batch_size} sequences but the batch has {batch_size}")
         end = self.length + step_len
@@ -151,7 +164,8 @@ class KVCache:
                 f"adds {step_len}: make the cache with a larger max_length"
             )
         self.key_mask[:, self.length : end] = True if attention_mask is None else attention_mask
-        return self.key_mask[:, :end]
+        self.positions[:, self.length : end] = position_ids
+        return self.key_mask[:, :end], self.positions[:, :end]
 
     def update(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store layer `layer`'s new keys/values [B, local_groups, step, head_dim]; return all of them so far."""
@@ -373,10 +387,12 @@ class NevaLLM(nn.Module):
             position_ids = torch.arange(past_len, past_len + seq_len, device=hidden.device)
         position_ids = position_ids.expand(batch, seq_len)
         cos, sin = rotary_cos_sin(self.config, position_ids, hidden.dtype)
-        key_mask = attention_mask if kv_cache is None else kv_cache.begin_step(attention_mask, batch, seq_len)
+        key_mask, key_positions = attention_mask, position_ids
+        if kv_cache is not None:
+            key_mask, key_positions = kv_cache.begin_step(attention_mask, position_ids)
         if key_mask is not None:
             key_mask = key_mask.to(device=hidden.device, dtype=torch.bool)
-        mask = build_attention_mask(seq_len, past_len, key_mask, self.config.sliding_window, hidden.device)
+        mask = build_attention_mask(position_ids, key_positions, key_mask, self.config.sliding_window)
         hidden = self.decoder(hidden, cos, sin, mask, kv_cache)
         if kv_cache is not None:
             kv_cache.length += seq_len
