@@ -114,3 +114,31 @@ def final_tensors(out: Path) -> dict[str, Any]:
 
 def read_json(path: Path) -> Any:
     return json.loads(path.read_text())
+
+
+def heldout_accuracy(out: Path, heldout_json: Path, images_zip: Path) -> tuple[float, list[tuple[str, str]]]:
+    """Share of held-out images whose greedy answer (each record's own question, through the model's
+    training template) contains the true caption; and the (caption, answer) misses."""
+    import io
+    import zipfile
+
+    import torch
+    from PIL import Image
+
+    from neva_core.data.preprocess import ImageProcessor
+    from neva_core.data.text_tokenizer import load_text_tokenizer
+    from neva_core.generate import generate_answers
+    from neva_core.model.trained import load_trained_model, read_trained_config
+
+    folder, settings, _ = read_trained_config(out)
+    model = load_trained_model(folder).eval()
+    tokenizer = load_text_tokenizer(folder / "tokenizer")
+    processor = ImageProcessor.from_folder(folder / "vision", aspect="pad")
+    records = read_json(heldout_json)
+    with zipfile.ZipFile(images_zip) as archive:
+        images = torch.stack([processor(Image.open(io.BytesIO(archive.read(r["image"])))) for r in records])
+    questions = [r["conversations"][0]["value"] for r in records]
+    truths = [r["conversations"][1]["value"] for r in records]
+    answers = generate_answers(model, tokenizer, settings.template, questions, images, max_new_tokens=8)
+    misses = [(truth, answer) for truth, answer in zip(truths, answers) if truth not in answer]
+    return 1 - len(misses) / len(records), misses

@@ -46,12 +46,14 @@ IGNORE_INDEX = -100
 # torchrun gives its workers 30 s between SIGTERM and SIGKILL; a save must fit in that, or the last stands.
 SIGTERM_GRACE_S = 25
 EXIT_STOPPED = 128 + signal.SIGTERM
+EXIT_KILLED = 128 + signal.SIGKILL
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     config = TrainConfig.model_validate_json(argv[0])
     rank = int(os.environ.get("RANK", "0"))
+    die_with_launcher()
     # Rank 0 logs; the others speak only when they fail.
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s", force=True)
@@ -61,6 +63,19 @@ def main(argv: list[str] | None = None) -> int:
     except NevaError as exc:
         print(f"neva train: error (rank {rank}): {exc}", file=sys.stderr, flush=True)
         return 2
+
+
+def die_with_launcher() -> None:
+    """torchrun starts each worker in a session of its own, so killing the launcher's process group would
+    leave the workers running: have the kernel kill this worker when its launcher dies (Linux)."""
+    if not sys.platform.startswith("linux") or "TORCHELASTIC_RUN_ID" not in os.environ:
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() == 1:  # the launcher died before the call above
+        os._exit(EXIT_KILLED)
 
 
 def train(config: TrainConfig) -> int:
@@ -146,6 +161,7 @@ def train(config: TrainConfig) -> int:
                         f"step is saved: a rerun resumes from the last checkpoint). Samples: "
                         f"{[sid for b in micro for sid in b.sample_ids][:8]}; lower --lr or check the data"
                     )
+                grad_norm = measured_grad_norm(engine, mpu) if config.zero == 0 else None
             engine.step()
         step += 1
         samples += plan.global_batch
@@ -162,7 +178,7 @@ def train(config: TrainConfig) -> int:
                 best = [val_loss, step]
         if metrics is not None and (step % config.log_every == 0 or val_loss is not None or step == config.max_steps):
             elapsed = time.perf_counter() - interval_start
-            metrics.record(step, loss=loss, val_loss=val_loss, lr=lr, grad_norm=grad_norm_of(engine),
+            metrics.record(step, loss=loss, val_loss=val_loss, lr=lr, grad_norm=grad_norm_of(engine) if grad_norm is None else grad_norm,
                            samples_per_s=interval["samples"] / elapsed, tokens_per_s=interval["tokens"] / elapsed,
                            step_time_s=step_time,
                            mfu=None if peak is None else interval["flops"] / elapsed / (peak * comm.world_size))
@@ -222,6 +238,15 @@ def evaluate(engine: Any, loader: Any, mpu: ModelParallelUnit, dtype: torch.dtyp
     engine.train()
     totals = dp_sum(totals, mpu)
     return (totals[0] / totals[1]).item()
+
+
+def measured_grad_norm(engine: Any, mpu: ModelParallelUnit) -> float:
+    """The global gradient norm before the update, TP shards counted once. Without ZeRO, DeepSpeed clips
+    but does not keep the norm: measure it with its own function at an infinite limit (grads times 1.0)."""
+    from deepspeed.runtime.utils import clip_grad_norm_
+
+    trainable = [p for p in engine.module.parameters() if p.requires_grad]
+    return float(clip_grad_norm_(trainable, max_norm=math.inf, mpu=mpu).item())
 
 
 def grad_norm_of(engine: Any) -> float | None:
