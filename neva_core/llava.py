@@ -5,8 +5,8 @@ The export holds what `LlavaForConditionalGeneration.from_pretrained` and `AutoP
 read: config.json (LlavaConfig: CLIP vision config, the LLM's HF config, image token, feature layer),
 safetensors weights under the names LLaVA's converter and the `llava-hf` repos use (TP merged, vocabulary
 padding trimmed, streamed one tensor at a time like the LLM-only export), and the processor files
-(image processor config, tokenizer, `processor_config.json` with the image token and patch size, and a
-chat template that renders the prompt the model was trained with).
+(image processor config, tokenizer, `processor_config.json` with the image token and patch size, and the
+prompt templates' chat template, which renders the prompt the model was trained with).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import json
 import logging
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,8 @@ import torch
 from neva_core.checkpoint.hf import DTYPES, hf_config_from_llm, hf_tensor_shapes
 from neva_core.checkpoint.layout import NativeReader, Provenance, read_native_config, save_native, verify_native
 from neva_core.checkpoint.safetensors_stream import SafetensorsReader, StreamingWriter, TensorSpec, prefetched
+from neva_core.data.templates import chat_template
+from neva_core.data.text_tokenizer import load_text_tokenizer
 from neva_core.errors import NevaError
 from neva_core.export import DEFAULT_MAX_SHARD_BYTES, write_hf_weights
 from neva_core.io import (
@@ -61,74 +63,17 @@ log = logging.getLogger(__name__)
 EXPORT_FORMAT = "neva-llava-export"
 
 # ---------------------------------------------------------------------------------------------
-# Chat templates: the finetune prompt of each training template as a transformers chat template.
-# Messages are {"role": "system"|"user"|"assistant", "content": str | [{"type": "image"}, {"type": "text", ...}]};
-# an image item renders as the processor's image token (expanded to n copies by the processor).
-
-VICUNA_V1_SYSTEM = (
-    "A chat between a curious human and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the human's questions."
-)
-
-_CONTENT_MACRO = (
-    "{%- macro render(content, image_token, with_text) -%}"
-    "{%- if content is string -%}{%- if with_text -%}{{ content }}{%- endif -%}"
-    "{%- else -%}"
-    "{%- for item in content if item['type'] == 'image' -%}{{ image_token }}{%- endfor -%}"
-    "{%- if with_text -%}{%- for item in content if item['type'] == 'text' -%}"
-    "{%- if loop.first and content | selectattr('type', 'equalto', 'image') | list -%}{{ '\\n' }}{%- endif -%}"
-    "{{ item['text'] }}{%- endfor -%}{%- endif -%}"
-    "{%- endif -%}"
-    "{%- endmacro -%}"
-)
-
-
-def hf_chat_template(template: str, image_token: str) -> str:
-    """A Jinja chat template that renders `template`'s prompt (the literal LLaVA strings).
-
-    vicuna_v1: "{system} USER: <image>\\n{q} ASSISTANT: {a}</s>USER: {q2} ASSISTANT:" (the generation
-    prompt ends at "ASSISTANT:"). plain: the image tokens, then the caption and "\\n" (user text dropped).
-    The BOS token is left to the tokenizer, which adds it as in training.
-    """
-    token = json.dumps(image_token)
-    if template == "vicuna_v1":
-        return (
-            _CONTENT_MACRO
-            + "{%- set ns = namespace(system=" + json.dumps(VICUNA_V1_SYSTEM) + ") -%}"
-            "{%- if messages and messages[0]['role'] == 'system' -%}"
-            "{%- set ns.system = messages[0]['content'] if messages[0]['content'] is string "
-            "else messages[0]['content'][0]['text'] -%}{%- endif -%}"
-            "{{ ns.system }}"
-            "{%- for message in messages if message['role'] != 'system' -%}"
-            "{%- if message['role'] == 'user' -%}{{ ' USER: ' if loop.first else 'USER: ' }}"
-            "{{ render(message['content'], " + token + ", true) }}"
-            "{%- else -%}{{ ' ASSISTANT: ' }}{{ render(message['content'], " + token + ", true) }}{{ '</s>' }}"
-            "{%- endif -%}"
-            "{%- endfor -%}"
-            "{%- if add_generation_prompt -%}{{ ' ASSISTANT:' }}{%- endif -%}"
-        )
-    if template == "plain":
-        return (
-            _CONTENT_MACRO
-            + "{%- for message in messages -%}"
-            "{%- if message['role'] == 'user' -%}{{ render(message['content'], " + token + ", false) }}"
-            "{%- elif message['role'] == 'assistant' -%}{{ render(message['content'], " + token + ", true) }}{{ '\\n' }}"
-            "{%- endif -%}"
-            "{%- endfor -%}"
-        )
-    raise NevaError(f"no chat template for the {template!r} prompt template yet; supported: vicuna_v1, plain")
-
-
-# ---------------------------------------------------------------------------------------------
 # Export
 
 
-def export_llava(in_dir: Path | str, out_dir: Path | str, *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-                 chat_template: Callable[[str, str], str] = hf_chat_template) -> Path:
+def export_llava(in_dir: Path | str, out_dir: Path | str, *,
+                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
     """Write the trained-model folder `in_dir` as an HF LLaVA folder `out_dir`; return it.
 
-    `chat_template(template, image_token)` gives the Jinja chat template of the model's training
-    template. The same export already at `out_dir` is reused; anything else there is refused.
+    The chat template is the prompt templates' own (`neva_core.data.templates.chat_template`), which
+    reproduces the training prompt's ids. A `plain` (pretraining) model with a sentencepiece tokenizer
+    has none (no text gives its prompt, see there): it is exported without one, with a warning.
+    The same export already at `out_dir` is reused; anything else there is refused.
     """
     in_dir, out_dir = Path(in_dir), Path(out_dir)
     if max_shard_bytes <= 0:
@@ -154,7 +99,7 @@ def export_llava(in_dir: Path | str, out_dir: Path | str, *, max_shard_bytes: in
             tensors = _export_tensors(reader, {**vision, **projector}, dtype)
             files = write_hf_weights(tmp, llm_specs + extra_specs, prefetched(tensors), max_shard_bytes)
             write_json_atomic(tmp / "config.json", config)
-            processor_files = _write_processor(tmp, folder, settings, chat_template)
+            processor_files = _write_processor(tmp, folder, settings)
             files.update({name: file_entry(tmp / name) for name in ["config.json", *processor_files]})
             write_manifest(tmp, {"format": EXPORT_FORMAT, "parent": parent, "files": files})
     return out_dir
@@ -188,20 +133,20 @@ def _llava_config(settings: TrainedModelConfig, reader: NativeReader, vision_con
     }
 
 
-def _write_processor(dest: Path, folder: Path, settings: TrainedModelConfig,
-                     chat_template: Callable[[str, str], str]) -> list[str]:
+def _write_processor(dest: Path, folder: Path, settings: TrainedModelConfig) -> list[str]:
     """Save a LlavaProcessor (image processor, tokenizer, image token, chat template) into `dest`;
     return the names of the files written."""
     from transformers import AutoImageProcessor, AutoTokenizer, LlavaProcessor
 
     tokenizer = AutoTokenizer.from_pretrained(folder / TOKENIZER_DIR)
     image_token = image_token_string(tokenizer, settings.image_token_id, folder / TOKENIZER_DIR)
+    template = _chat_template(settings, folder / TOKENIZER_DIR)
     processor = LlavaProcessor(
         image_processor=AutoImageProcessor.from_pretrained(folder / VISION_DIR),
         tokenizer=tokenizer,
         patch_size=settings.patch_size,
         vision_feature_select_strategy="default",
-        chat_template=chat_template(settings.template, image_token),
+        chat_template=template,
         image_token=image_token,
         num_additional_image_tokens=1,  # the CLS token, which the "default" strategy drops again
     )
@@ -214,6 +159,22 @@ def _write_processor(dest: Path, folder: Path, settings: TrainedModelConfig,
     if before & set(written):
         raise NevaError(f"the processor files {sorted(before & set(written))} clash with the model files")
     return written
+
+
+def _chat_template(settings: TrainedModelConfig, tokenizer_dir: Path) -> str | None:
+    text_tokenizer = load_text_tokenizer(tokenizer_dir)
+    if text_tokenizer.image_token_id != settings.image_token_id:
+        raise NevaError(
+            f"the model's image token id is {settings.image_token_id}, but the image_patch token of "
+            f"{tokenizer_dir} is id {text_tokenizer.image_token_id}; the tokenizer does not belong to this model"
+        )
+    try:
+        return chat_template(settings.template, text_tokenizer)
+    except NevaError as exc:
+        if settings.template != "plain":
+            raise
+        log.warning("exporting without a chat template: %s", exc)
+        return None
 
 
 def image_token_string(tokenizer: Any, image_token_id: int, tokenizer_dir: Path) -> str:

@@ -174,29 +174,21 @@ def test_export_is_reused_and_a_different_folder_is_refused(exported: Path, trai
         export_llava(trained, other)
 
 
-def test_chat_templates_render_the_literal_training_prompts(exported: Path) -> None:
+def test_export_chat_template_gives_the_training_prompt_ids(exported: Path, trained: Path) -> None:
     from transformers import AutoProcessor
 
-    from neva_core.llava import VICUNA_V1_SYSTEM, hf_chat_template
+    from neva_core.data.templates import build_generation_prompt
+    from neva_core.data.text_tokenizer import load_text_tokenizer
+    from neva_core.fixtures import draw_shape_image
 
     processor = AutoProcessor.from_pretrained(exported)
-    token = processor.image_token
-    messages = [
-        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]},
-        {"role": "assistant", "content": [{"type": "text", "text": "A red circle."}]},
-        {"role": "user", "content": [{"type": "text", "text": "Where?"}]},
-    ]
-    rendered = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    assert rendered == (f"{VICUNA_V1_SYSTEM} USER: {token}\nWhat is it? ASSISTANT: A red circle.</s>"
-                        f"USER: Where? ASSISTANT:")
-    from jinja2 import Template
-
-    plain = Template(hf_chat_template("plain", token)).render(
-        messages=[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "ignored"}]},
-                  {"role": "assistant", "content": "a red circle"}])
-    assert plain == f"{token}a red circle\n"
-    with pytest.raises(NevaError, match="no chat template"):
-        hf_chat_template("llama_2", token)
+    question = "What is shown?"
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    ids = processor(images=draw_shape_image(np.random.default_rng(0), "red", "circle", 64), text=prompt,
+                    return_tensors="pt")["input_ids"][0].tolist()
+    tokenizer = load_text_tokenizer(trained / "tokenizer")
+    assert ids == build_generation_prompt("vicuna_v1", question, tokenizer, 16)
 
 
 # -- import ------------------------------------------------------------------------------------------
@@ -282,3 +274,18 @@ def test_bf16_and_activation_checkpointing_pass_through_on_load(trained: Path, s
         loss_sum.backward()
         grads.append(model.llm.decoder.layers[0].mlp.linear_fc1.weight.grad)
     torch.testing.assert_close(grads[1], grads[0])
+
+
+def test_a_plain_pretraining_model_exports_without_a_chat_template(trained: Path, tmp_path: Path, settings,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    import dataclasses
+
+    from neva_core.llava import export_llava
+
+    plain = save_trained_model(tmp_path / "plain", llm=trained / "llm", projector=load_trained_model(trained).projector,
+                               vision_dir=trained / "vision", tokenizer_dir=trained / "tokenizer",
+                               settings=dataclasses.replace(settings, template="plain"))
+    with caplog.at_level("WARNING"):
+        out = export_llava(plain, tmp_path / "plain-hf")
+    assert "without a chat template" in caplog.text
+    assert not (out / "chat_template.jinja").exists() and (out / "model.safetensors").is_file()
