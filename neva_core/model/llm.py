@@ -43,6 +43,7 @@ from neva_core.model.parallel import (
 __all__ = ["KVCache", "NevaLLM", "gather_logits", "vocab_parallel_cross_entropy"]
 
 INIT_STD = 0.02  # LLaMA's initializer_range
+SDPA_HAS_GQA = torch.torch_version.TorchVersion(torch.__version__) >= (2, 5)  # scaled_dot_product_attention(enable_gqa=)
 
 
 class RMSNorm(nn.Module):
@@ -196,13 +197,19 @@ class SelfAttention(nn.Module):
         key = qkv[:, :, :, self.heads_per_group].transpose(1, 2)
         value = qkv[:, :, :, self.heads_per_group + 1].transpose(1, 2)
         query, key = apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
+        gqa: dict[str, bool] = {}
         if kv_cache is not None:
             key, value = kv_cache.update(self.layer_index, key, value)
-        # Query head h belongs to group h // heads_per_group: repeat each key/value head that many times.
-        key = key.repeat_interleave(self.heads_per_group, dim=1)
-        value = value.repeat_interleave(self.heads_per_group, dim=1)
+        if self.heads_per_group > 1 and kv_cache is not None and SDPA_HAS_GQA:
+            # Decoding: SDPA maps query heads to cached key heads itself, without copying the cache each step.
+            gqa["enable_gqa"] = True
+        elif self.heads_per_group > 1:
+            # Query head h belongs to group h // heads_per_group: repeat each key/value head that many times
+            # (fused training kernels take this path on every torch version).
+            key = key.repeat_interleave(self.heads_per_group, dim=1)
+            value = value.repeat_interleave(self.heads_per_group, dim=1)
         out = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=mask, is_causal=mask is None, scale=self.head_dim**-0.5
+            query, key, value, attn_mask=mask, is_causal=mask is None, scale=self.head_dim**-0.5, **gqa
         )
         return self.linear_proj(out.transpose(1, 2).reshape(batch, seq_len, -1))
 
