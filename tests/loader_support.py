@@ -42,7 +42,8 @@ class CharEncoder:
             ids = char_ids(before) + [IMAGE_TOKEN_ID] * IMAGE_TOKENS * bool(tag) + char_ids(after)
             input_ids += ids
             labels += ids if turn["from"] == "gpt" else [IGNORE_INDEX] * len(ids)
-        return EncodedRecord(input_ids=input_ids, labels=labels, image=None if record.image is None else tiny_image(record.image))
+        image = None if record.image is None else tiny_image(record.image)
+        return EncodedRecord(input_ids=input_ids, labels=labels, image=image)
 
 
 def tiny_image(image: Image.Image) -> torch.Tensor:

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import torch
-from loader_support import IMAGE_SIZE, IMAGE_TOKEN_ID, IMAGE_TOKENS, PAD_ID, CharEncoder, tiny_image
+from loader_support import IMAGE_SIZE, IMAGE_TOKEN_ID, IMAGE_TOKENS, PAD_ID, CharEncoder, char_ids, tiny_image
 from PIL import Image
 
 from neva_core.data.loader import (
@@ -246,17 +246,20 @@ def test_an_encoder_bug_is_an_error_naming_the_sample_not_a_skip(source):
 
 def test_template_encoder_joins_a_text_template_and_an_image_processor(source):
     @dataclasses.dataclass
-    class Layout:
+    class Layout:  # what templates.encode_conversation returns
         input_ids: list[int]
         labels: list[int]
+
+    def encode_text(conversations: list[dict]) -> Layout:
+        ids = char_ids(conversations[-1]["value"])
+        return Layout([IMAGE_TOKEN_ID] * IMAGE_TOKENS + ids, [IGNORE_INDEX] * IMAGE_TOKENS + ids)
 
     sample_id = next(i for i in sorted(source["splits"]["train"]) if i in source["images"])
     record = source["records"][sample_id]
     image = Image.open(io.BytesIO(source["images"][sample_id])).convert("RGB")
-    encoder = TemplateEncoder(lambda conversations: Layout([7] * IMAGE_TOKENS + [len(conversations)], [IGNORE_INDEX] * 4 + [5]),
-                              tiny_image)
-    out = encoder(RawRecord(sample_id, record["conversations"], image, b"", record))
-    assert out.input_ids == [7] * IMAGE_TOKENS + [len(record["conversations"])] and out.labels[-1] == 5
+    encoder = TemplateEncoder(encode_text, tiny_image)
+    out = encoder(RawRecord(sample_id, record["conversations"], image, source["images"][sample_id], record))
+    assert out.input_ids[IMAGE_TOKENS:] == out.labels[IMAGE_TOKENS:] == char_ids(record["conversations"][-1]["value"])
     assert torch.equal(out.image, tiny_image(image))
     assert encoder(RawRecord(sample_id, record["conversations"], None, None, record)).image is None
 
@@ -266,7 +269,8 @@ def test_template_encoder_joins_a_text_template_and_an_image_processor(source):
 
 def test_shuffle_is_seeded_and_reproducible(source):
     def order(seed: int) -> list[str]:
-        return [sid for batch in take(TrainLoader(config(source, num_workers=0, seed=seed)), 12) for sid in batch.sample_ids]
+        batches = take(TrainLoader(config(source, num_workers=0, seed=seed)), 12)
+        return [sample_id for batch in batches for sample_id in batch.sample_ids]
 
     first = order(0)
     assert order(0) == first

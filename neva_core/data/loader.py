@@ -263,8 +263,14 @@ def read_record(crude: dict[str, Any]) -> RawRecord:
     image_bytes = next((crude[member] for member in _IMAGE_MEMBERS if member in crude), None)
     image = None
     if image_bytes is not None:
-        with Image.open(io.BytesIO(image_bytes)) as opened:
-            image = opened.convert("RGB")
+        try:
+            with Image.open(io.BytesIO(image_bytes)) as opened:
+                image = opened.convert("RGB")
+        except (OSError, Image.DecompressionBombError) as exc:  # `neva shard` checked it: the shard is damaged
+            raise NevaError(
+                f"sample {key!r}: its image does not decode ({exc}); check the shards with "
+                "`neva shard` (rerun it into a new folder)"
+            ) from exc
     return RawRecord(id=key, conversations=record["conversations"], image=image, image_bytes=image_bytes,
                      record=record)
 
@@ -417,7 +423,8 @@ class TrainLoader:
         self._check_identity(state.get("identity", {}))
         counters = state["counters"]
         self._loader.restore_state_rank(state_from_json(state["energon"]))
-        self.batches, self.samples_drawn, self.skipped = counters["batches"], counters["samples_drawn"], counters["skipped"]
+        self.batches, self.samples_drawn = counters["batches"], counters["samples_drawn"]
+        self.skipped = counters["skipped"]
 
     def _identity(self) -> dict[str, Any]:
         """What must match for the saved state to replay the same sequence."""

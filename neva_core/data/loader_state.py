@@ -21,7 +21,8 @@ from neva_core.errors import NevaError
 
 # Keys of the tagged objects; a plain JSON object in the state never has exactly one of these keys.
 _CLASS, _FIELDS = "__class__", "fields"
-_TUPLE, _DICT, _FLEX, _BYTES, _NDARRAY, _TENSOR = "__tuple__", "__dict__", "__flex__", "__bytes__", "__ndarray__", "__tensor__"
+_TUPLE, _DICT, _FLEX, _BYTES = "__tuple__", "__dict__", "__flex__", "__bytes__"
+_NDARRAY, _TENSOR = "__ndarray__", "__tensor__"
 _NUMERIC_DTYPES = {"uint8", "int8", "int16", "int32", "int64", "uint32", "uint64", "float32", "float64", "bool"}
 
 
