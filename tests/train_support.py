@@ -139,6 +139,6 @@ def heldout_accuracy(out: Path, heldout_json: Path, images_zip: Path) -> tuple[f
         images = torch.stack([processor(Image.open(io.BytesIO(archive.read(r["image"])))) for r in records])
     questions = [r["conversations"][0]["value"] for r in records]
     truths = [r["conversations"][1]["value"] for r in records]
-    answers = generate_answers(model, tokenizer, settings.template, questions, images, max_new_tokens=8)
+    answers = generate_answers(model, tokenizer, settings.template, questions, images, max_new_tokens=12)
     misses = [(truth, answer) for truth, answer in zip(truths, answers) if truth not in answer]
     return 1 - len(misses) / len(records), misses
