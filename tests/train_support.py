@@ -130,10 +130,10 @@ def heldout_accuracy(out: Path, heldout_json: Path, images_zip: Path) -> tuple[f
     from neva_core.generate import generate_answers
     from neva_core.model.trained import load_trained_model, read_trained_config
 
-    folder, settings, _ = read_trained_config(out)
+    folder, settings, document = read_trained_config(out)
     model = load_trained_model(folder).eval()
     tokenizer = load_text_tokenizer(folder / "tokenizer")
-    processor = ImageProcessor.from_folder(folder / "vision", aspect="pad")
+    processor = ImageProcessor.from_folder(folder / "vision", aspect=document["provenance"]["config"]["image_aspect"])
     records = read_json(heldout_json)
     with zipfile.ZipFile(images_zip) as archive:
         images = torch.stack([processor(Image.open(io.BytesIO(archive.read(r["image"])))) for r in records])
