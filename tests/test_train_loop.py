@@ -20,6 +20,7 @@ import torch
 from train_support import (
     REPO,
     base_config,
+    free_port,
     final_tensors,
     make_train_inputs,
     metrics_rows,
@@ -30,6 +31,7 @@ from train_support import (
 
 from neva_core.errors import NevaError
 from neva_core.train.checkpointing import committed_checkpoints
+from neva_core.train.loop import check_resumable
 from neva_core.train.metrics import COLUMNS
 from neva_core.train.preflight import check_inputs
 
@@ -88,15 +90,33 @@ def kill_plan(seed: int) -> list[tuple[str, int]]:
     return [("mid-step", mid), ("in-save", 6), ("before-commit", STEPS)]
 
 
-def test_sigkill_at_seeded_points_then_rerun_is_bit_identical(reference, inputs, tmp_path: Path) -> None:
+def stop_with_sigterm_after(config, step: int) -> subprocess.CompletedProcess:
+    """Run until step `step` is logged, then SIGTERM the process, as a scheduler would."""
+    env = worker_env(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    process = subprocess.Popen([sys.executable, "-m", "neva_core.train.loop", config.model_dump_json()], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+                               start_new_session=True)
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if f"step {step} " in line:
+            process.send_signal(signal.SIGTERM)
+    return subprocess.CompletedProcess(process.args, process.wait(timeout=120), "".join(lines), "")
+
+
+def test_sigterm_then_sigkills_at_seeded_points_then_rerun_is_bit_identical(reference, inputs, tmp_path) -> None:
     config, _ = reference
     killed = base_config(inputs, tmp_path / "out", max_steps=STEPS)
+    stopped = stop_with_sigterm_after(killed, 1)
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stdout[-3000:]
+    assert "stopped by SIGTERM after saving step" in stopped.stdout
+    (saved,) = committed_checkpoints(killed.out)
+    assert 1 <= saved.step < STEPS
     for point, step in kill_plan(seed=11):
         done = run_training(killed, module="train_kill", extra_env={"NEVA_TEST_KILL": f"{point}:{step}"})
         assert done.returncode == -signal.SIGKILL, (point, done.stdout[-3000:])
-        resumed = re.findall(r"resuming from step (\d+)", done.stdout)
-        if point != "mid-step":
-            assert resumed and 0 < int(resumed[0]) <= step, done.stdout[-2000:]
+        (resumed,) = re.findall(r"resuming from step (\d+)", done.stdout)
+        assert 0 < int(resumed) <= step, done.stdout[-2000:]
         assert not (killed.out / "final").exists()
     done = run_training(killed)
     assert done.returncode == 0, done.stdout[-3000:]
@@ -110,30 +130,6 @@ def test_sigkill_at_seeded_points_then_rerun_is_bit_identical(reference, inputs,
     assert [row["loss"] for row in metrics_rows(killed.out)] == [row["loss"] for row in metrics_rows(config.out)]
 
 
-def test_sigterm_saves_at_the_end_of_the_step_and_a_rerun_finishes_identically(reference, inputs, tmp_path) -> None:
-    config, _ = reference
-    stopped = base_config(inputs, tmp_path / "out", max_steps=STEPS, save_every=0)
-    env = worker_env(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="0")
-    from train_support import free_port
-
-    env["MASTER_PORT"] = str(free_port())
-    process = subprocess.Popen([sys.executable, "-m", "neva_core.train.loop", stopped.model_dump_json()], env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
-                               start_new_session=True)
-    lines = []
-    for line in process.stdout:
-        lines.append(line)
-        if "step 2 " in line:
-            process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=120) == 128 + signal.SIGTERM, "".join(lines)[-3000:]
-    saved = committed_checkpoints(stopped.out)
-    assert len(saved) == 1 and 2 <= saved[0].step < STEPS
-    done = run_training(stopped)
-    assert done.returncode == 0 and f"resuming from step {saved[0].step}" in done.stdout, done.stdout[-3000:]
-    for name, tensor in final_tensors(config.out).items():
-        assert torch.equal(tensor, final_tensors(stopped.out)[name]), name
-
-
 def test_a_finished_run_extends_with_a_higher_max_steps(reference, inputs, tmp_path) -> None:
     config, _ = reference
     out = tmp_path / "out"
@@ -143,9 +139,11 @@ def test_a_finished_run_extends_with_a_higher_max_steps(reference, inputs, tmp_p
     assert done.returncode == 0, done.stdout[-3000:]
     assert f"resuming from step {STEPS}" in done.stdout
     assert read_json(out / "final" / "model.json")["provenance"]["steps"] == STEPS + 2
-    changed = base_config(inputs, out, max_steps=STEPS + 4, lr=5e-3)
-    refused = run_training(changed)
-    assert refused.returncode == 2 and "--lr 0.01 -> 0.005" in refused.stdout
+    ckpt = committed_checkpoints(out)[-1]
+    with pytest.raises(NevaError, match=r"--lr 0.01 -> 0.005"):
+        check_resumable(base_config(inputs, out, max_steps=STEPS + 4, lr=5e-3), ckpt, 1)
+    with pytest.raises(NevaError, match="saved by 1 processes, this run has 2"):
+        check_resumable(base_config(inputs, out, max_steps=STEPS + 4), ckpt, 2)
 
 
 def test_a_nan_loss_stops_the_run_before_the_update_and_saves_nothing(inputs, tmp_path) -> None:
@@ -223,5 +221,5 @@ def test_cli_refuses_a_bad_input_with_exit_2_and_no_traceback(inputs, tmp_path) 
     done = subprocess.run([sys.executable, "-m", "neva_core.cli", "train", *args], capture_output=True, text=True,
                           cwd=REPO, timeout=120)
     assert done.returncode == 2, done.stderr
-    assert "--global-batch 12 is not micro-batch 8" in done.stderr and "Traceback" not in done.stderr
+    assert "--global-batch 12 is not micro-batch 16" in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "out").exists() and time.perf_counter() - started < 60

@@ -4,6 +4,7 @@ the trained-model folder written at the end. The loop itself (train/loop.py) onl
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -113,7 +114,8 @@ def loader_config(config: TrainConfig, inputs: RunInputs, mpu: ModelParallelUnit
 
 def build_loaders(config: TrainConfig, inputs: RunInputs, mpu: ModelParallelUnit) -> tuple[TrainLoader, ValLoader | None]:
     settings = loader_config(config, inputs, mpu)
-    val = ValLoader(settings, config.val_batches) if config.val_every else None
+    # A validation pass is a few batches: loading them in this process beats starting a worker every pass.
+    val = ValLoader(dataclasses.replace(settings, num_workers=0), config.val_batches) if config.val_every else None
     return TrainLoader(settings), val
 
 
