@@ -134,9 +134,8 @@ def train(config: TrainConfig) -> int:
 
     # 4. the steps
     batches = iter(train_loader)
-    saved_at = step
     last_save_time = interval_start = time.perf_counter()
-    interval = {"steps": 0, "samples": 0, "tokens": 0, "flops": 0.0}
+    interval = {"samples": 0, "tokens": 0, "flops": 0.0}
     engine.train()
     while step < config.max_steps:
         step_start = time.perf_counter()
@@ -166,7 +165,6 @@ def train(config: TrainConfig) -> int:
         step += 1
         samples += plan.global_batch
         step_time = time.perf_counter() - step_start
-        interval["steps"] += 1
         interval["samples"] += plan.global_batch
         interval["tokens"] += int(counts[1].item())
         interval["flops"] += flops_of(int(counts[1].item()), int(counts[2].item()))
@@ -176,22 +174,24 @@ def train(config: TrainConfig) -> int:
             val_loss = evaluate(engine, val_loader, mpu, dtype)
             if best is None or val_loss < best[0]:
                 best = [val_loss, step]
-        if metrics is not None and (step % config.log_every == 0 or val_loss is not None or step == config.max_steps):
+        if step % config.log_every == 0 or val_loss is not None or step == config.max_steps:
             elapsed = time.perf_counter() - interval_start
-            metrics.record(step, loss=loss, val_loss=val_loss, lr=lr, grad_norm=grad_norm_of(engine) if grad_norm is None else grad_norm,
-                           samples_per_s=interval["samples"] / elapsed, tokens_per_s=interval["tokens"] / elapsed,
-                           step_time_s=step_time,
-                           mfu=None if peak is None else interval["flops"] / elapsed / (peak * comm.world_size))
-        if metrics is None or step % config.log_every == 0 or val_loss is not None:
+            if metrics is not None:
+                metrics.record(step, loss=loss, val_loss=val_loss, lr=lr,
+                               grad_norm=grad_norm_of(engine) if grad_norm is None else grad_norm,
+                               samples_per_s=interval["samples"] / elapsed,
+                               tokens_per_s=interval["tokens"] / elapsed, step_time_s=step_time,
+                               mfu=None if peak is None else interval["flops"] / elapsed / (peak * comm.world_size))
             interval_start = time.perf_counter()
-            interval = {"steps": 0, "samples": 0, "tokens": 0, "flops": 0.0}
+            interval = {"samples": 0, "tokens": 0, "flops": 0.0}
 
-        stopping = stop.agreed()
-        minutes_due = config.save_minutes is not None and time.perf_counter() - last_save_time >= config.save_minutes * 60
+        minutes_due = config.save_minutes is not None and \
+            time.perf_counter() - last_save_time >= config.save_minutes * 60
+        stopping, minutes_due = stop.agreed(minutes_due)
         if (config.save_every and step % config.save_every == 0) or step == config.max_steps or stopping \
                 or minutes_due:
             save(val_loss)
-            saved_at, last_save_time = step, time.perf_counter()
+            last_save_time = time.perf_counter()
             if metrics is not None:
                 metrics.plot()
         if stopping:
@@ -199,8 +199,6 @@ def train(config: TrainConfig) -> int:
             train_loader.close()
             return EXIT_STOPPED
     stop.disarm()
-    if saved_at != step:
-        save(None)
 
     # 5. the trained model
     write_final(config, inputs, model, mpu, provenance={
@@ -294,12 +292,13 @@ class StopRequest:
         signal.signal(signal.SIGALRM, lambda *_: os._exit(EXIT_STOPPED))
         signal.alarm(SIGTERM_GRACE_S)
 
-    def agreed(self) -> bool:
-        """Whether any rank was asked to stop (a collective: every rank calls it after every step)."""
-        flag = torch.tensor([1.0 if self.requested else 0.0])
+    def agreed(self, save_due: bool) -> tuple[bool, bool]:
+        """(any rank asked to stop, any rank's save timer is due): a collective every rank calls after every
+        step, so that all of them take the same branch."""
+        flags = torch.tensor([float(self.requested), float(save_due)])
         if dist.get_world_size() > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        return bool(flags[0].item()), bool(flags[1].item())
 
     def disarm(self) -> None:
         signal.alarm(0)
