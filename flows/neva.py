@@ -6,6 +6,9 @@
     vision snapshot ─────────────────────────────────────────────────> CLIP folder
 
 Downloads run concurrently; every stage is a cached task whose result is a path plus its manifest.
+Each output goes to a folder named after its inputs and parameters (`<label>-<digest>`), so a changed
+parameter builds a new folder instead of rewriting one a finished run points at; after a successful
+run only the newest `keep_outputs` folders of each label remain.
 """
 
 from __future__ import annotations
@@ -15,8 +18,11 @@ from typing import Any
 
 from prefect import flow
 
+from neva_core.checkpoint.convert import check_tensor_parallel
 from neva_core.config import AUTO_TOKENIZER, ModelConfig, PipelineConfig
 from neva_core.data.download import HubSource, parse_source
+from neva_core.fingerprint import output_folder
+from neva_core.io import prune_outputs
 from tasks.checkpoint import convert_task, extend_tokenizer_task, repartition_task
 from tasks.data import download_task, shard_task, unzip_task
 
@@ -32,44 +38,73 @@ def source_name(source: str) -> str:
 @flow(name="neva", log_prints=True)
 def neva(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:
     """Prepare the data and the checkpoints for NeVA training."""
+    # Resolved here, in the process that runs the flow, not where the flow was imported.
+    config = config.model_copy(update={"workdir": config.workdir.resolve()})
     hub = {"token_secret": config.hf_token_secret, "endpoint": config.hf_endpoint}
-    dataset = config.dataset
-    downloads = config.workdir / "downloads" / dataset.name
-    json_file = download_task.submit(dataset.json_source, downloads, sha256=dataset.json_sha256, **hub)
-    images_zip = download_task.submit(dataset.images_source, downloads, sha256=dataset.images_sha256, **hub)
-    model_downloads = start_model_downloads(config.model, config.workdir, hub) if config.model else None
+    dataset, workdir = config.dataset, config.workdir
+    downloads = workdir / "downloads" / dataset.name
+    json_file = download_task.submit(dataset.json_source, output_folder(downloads, "json", source=dataset.json_source),
+                                     sha256=dataset.json_sha256, **hub)
+    images_zip = download_task.submit(dataset.images_source,
+                                      output_folder(downloads, "images", source=dataset.images_source),
+                                      sha256=dataset.images_sha256, **hub)
+    model_downloads = start_model_downloads(config.model, workdir, hub) if config.model else None
 
-    zip_path = Path(images_zip.result()["paths"][0])
+    json_path, zip_path = Path(json_file.result()["paths"][0]), Path(images_zip.result()["paths"][0])
+    outputs = [Path(json_file.result()["dest"]), Path(images_zip.result()["dest"])]
     if dataset.unzip:
-        unzip_task(zip_path, config.workdir / "images" / dataset.name)
-    shards = shard_task(
-        Path(json_file.result()["paths"][0]), zip_path, config.workdir / "shards" / dataset.name,
-        maxcount=dataset.maxcount, workers=dataset.workers, val_fraction=dataset.val_fraction,
-    )
+        unzipped = unzip_task(zip_path, output_folder(workdir / "images", dataset.name, zip=zip_path))
+        outputs.append(Path(unzipped["dest"]))
+    shard_params = {"maxcount": dataset.maxcount, "val_fraction": dataset.val_fraction}
+    shards = shard_task(json_path, zip_path,
+                        output_folder(workdir / "shards", dataset.name, json=json_path, images=zip_path, **shard_params),
+                        workers=dataset.workers, **shard_params)
+    outputs.append(Path(shards["out_dir"]))
     result: dict[str, Any] = {"shards": shards}
     if config.model is not None and model_downloads is not None:
-        result.update(prepare_checkpoints(config.model, *model_downloads))
+        checkpoints, used = prepare_checkpoints(config.model, *model_downloads)
+        result.update(checkpoints)
+        outputs += used
+    for output in outputs:
+        prune_outputs(output, config.keep_outputs)
     return result
 
 
 def start_model_downloads(model: ModelConfig, workdir: Path, hub: dict[str, Any]) -> tuple[Any, Any]:
-    llm = download_task.submit(model.llm_source, workdir / "checkpoints" / source_name(model.llm_source) / "hf",
+    llm_root = workdir / "checkpoints" / source_name(model.llm_source)
+    llm = download_task.submit(model.llm_source,
+                               output_folder(llm_root, "hf", source=model.llm_source, include=model.llm_include),
                                include=model.llm_include, **hub)
-    vision = download_task.submit(model.vision_source, workdir / "checkpoints" / source_name(model.vision_source),
+    vision_root = workdir / "checkpoints" / source_name(model.vision_source)
+    vision = download_task.submit(model.vision_source, output_folder(vision_root, "hf", source=model.vision_source,
+                                                                     include=model.vision_include),
                                   include=model.vision_include, **hub)
     return llm, vision
 
 
-def prepare_checkpoints(model: ModelConfig, llm_download: Any, vision_download: Any) -> dict[str, Any]:
-    """Tokenizer → native checkpoint (vocab grown to the extended tokenizer) → the training TP size."""
+def prepare_checkpoints(
+    model: ModelConfig, llm_download: Any, vision_download: Any
+) -> tuple[dict[str, Any], list[Path]]:
+    """Tokenizer → native checkpoint (vocab grown to the extended tokenizer) → the training TP size.
+
+    Returns the results and every output folder they used (downloads and intermediates included)."""
     llm_dir = Path(llm_download.result()["dest"])
+    check_tensor_parallel(llm_dir, model.tp)  # before any conversion: a bad TP size fails in seconds
     model_root = llm_dir.parent
     # "auto": the snapshot decides the kind (tokenizer.model: sentencepiece; else tokenizer.json).
     tokenizer_source = llm_dir if model.tokenizer_file == AUTO_TOKENIZER else llm_dir / model.tokenizer_file
-    tokenizer = extend_tokenizer_task(tokenizer_source, model_root / "tokenizer", model.special_tokens)
-    dtype = model.dtype or "source-dtype"
-    native = convert_task(llm_dir, model_root / f"native-{dtype}-tp1", tokenizer=Path(tokenizer["out_dir"]),
-                          dtype=model.dtype)
+    tokenizer = extend_tokenizer_task(
+        tokenizer_source, output_folder(model_root, "tokenizer", model=tokenizer_source, tokens=model.special_tokens),
+        model.special_tokens)
+    tokenizer_dir = Path(tokenizer["out_dir"])
+    # Labels name the stage, not its parameters (the digest does), so old outputs of a stage are pruned.
+    native = convert_task(
+        llm_dir, output_folder(model_root, "native-tp1", hf=llm_dir, tokenizer=tokenizer_dir, dtype=model.dtype),
+        tokenizer=tokenizer_dir, dtype=model.dtype)
+    vision = vision_download.result()
+    used = [llm_dir, Path(vision["dest"]), tokenizer_dir, Path(native["path"])]
     if model.tp > 1:
-        native = repartition_task(Path(native["path"]), model_root / f"native-{dtype}-tp{model.tp}", model.tp)
-    return {"tokenizer": tokenizer, "llm": native, "vision": vision_download.result()}
+        tp1 = Path(native["path"])
+        native = repartition_task(tp1, output_folder(model_root, "native-tpn", native=tp1, tp=model.tp), model.tp)
+        used.append(Path(native["path"]))
+    return {"tokenizer": tokenizer, "llm": native, "vision": vision}, used

@@ -27,6 +27,7 @@ COMMAND_MODULES = (
     "train",
     "demo",
     "eval",
+    "run",
 )
 
 

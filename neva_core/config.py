@@ -9,18 +9,22 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from neva_core.data.download import ALTERNATIVES as WEIGHTS_OR
 from neva_core.data.download import parse_source
 from neva_core.data.shards import DEFAULT_VAL_FRACTION
+from neva_core.errors import NevaError
 from neva_core.tokenizer import NEVA_SPECIAL_TOKENS
 
 AUTO_TOKENIZER = "auto"
 
 
 def _check_source(value: str) -> str:
-    parse_source(value)  # raises NevaError naming the malformed source
+    try:
+        parse_source(value)
+    except NevaError as exc:
+        raise ValueError(str(exc)) from None  # pydantic then names the key that holds it
     return value
 
 
@@ -76,10 +80,5 @@ class PipelineConfig(_Strict):
     model: ModelConfig | None = ModelConfig()
     hf_token_secret: str | None = Field(None, description="name of a Prefect Secret block holding the HF token")
     hf_endpoint: str | None = Field(None, description="Hub endpoint (default: HF_ENDPOINT or huggingface.co)")
-
-    @model_validator(mode="after")
-    def _absolute_workdir(self) -> PipelineConfig:
-        # Stages run in worker processes whose cwd may differ: fix the workdir once, here.
-        if not self.workdir.is_absolute():
-            object.__setattr__(self, "workdir", self.workdir.resolve())
-        return self
+    # A relative workdir is resolved by the flow run, against its own working directory.
+    keep_outputs: int = Field(2, ge=1, description="outputs kept per stage in the workdir (the newest ones)")

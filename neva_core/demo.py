@@ -9,9 +9,11 @@ from neva_core.fixtures import make_fixtures
 
 
 def demo_config(workdir: Path, *, images: int = 256, seed: int = 0, tp: int = 2) -> PipelineConfig:
-    """Build (or reuse) the fixtures under `workdir/fixtures` and a config that reads them as local sources."""
+    """Build (or reuse) the fixtures under `workdir/fixtures/seed<S>-images<N>` and a config that reads them
+    as local sources. Other --images or --seed values get their own fixtures folder, so a rerun with them
+    against an existing demo folder computes the stages they change."""
     workdir = workdir.resolve()
-    fixtures = make_fixtures(workdir / "fixtures", seed=seed, images=images)
+    fixtures = make_fixtures(workdir / "fixtures" / f"seed{seed}-images{images}", seed=seed, images=images)
     dataset = DatasetConfig(
         name="synthetic-pretrain",
         json_source=str(fixtures.pretrain_json),

@@ -26,10 +26,9 @@ from neva_core.checkpoint.safetensors_stream import (
 )
 from neva_core.errors import NevaError
 from neva_core.io import (
-    atomic_dir,
+    commit_output,
     file_entry,
     read_manifest,
-    remove_stale_temps,
     verify_files,
     write_json_atomic,
     write_manifest,
@@ -48,27 +47,29 @@ def export_hf(in_dir: Path | str, out_dir: Path | str, *, max_shard_bytes: int =
     """Write the native checkpoint `in_dir` (any TP size) as an HF model folder `out_dir`; return it.
 
     The input is verified against its manifest while it is read; an export of the same input already at
-    `out_dir` is reused, anything else there is refused.
+    `out_dir` is reused, an export of another checkpoint is replaced once the new one is complete, and
+    a folder that is no export is refused.
     """
     in_dir, out_dir = Path(in_dir), Path(out_dir)
     if max_shard_bytes <= 0:
         raise NevaError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
     with NativeReader(in_dir, deep=True) as reader:
         parent = {"path": str(in_dir.resolve()), "manifest_sha256": reader.manifest_sha256()}
-        if _finished_export(out_dir, parent["manifest_sha256"]):
-            return out_dir
         config = reader.config
         hf_config = hf_config_from_llm(config, reader.dtype, base=reader.meta.get("hf_config"))
         specs = [TensorSpec(n, DTYPES[reader.dtype], s) for n, s in hf_tensor_shapes(config).items()]
-        log.info("exporting %s -> %s (%s, %s)", in_dir, out_dir, hf_config["architectures"][0], reader.dtype)
-        remove_stale_temps(out_dir.parent, out_dir.name)
-        configure_allocator_for_streaming()
-        with atomic_dir(out_dir) as tmp:
+
+        def build(tmp: Path) -> Path:
+            log.info("exporting %s -> %s (%s, %s)", in_dir, out_dir, hf_config["architectures"][0], reader.dtype)
+            configure_allocator_for_streaming()
             files = write_hf_weights(tmp, specs, prefetched(_hf_tensors(reader, config)), max_shard_bytes)
             write_json_atomic(tmp / "config.json", hf_config)
             files["config.json"] = file_entry(tmp / "config.json")
             write_manifest(tmp, {"format": EXPORT_FORMAT, "parent": parent, "files": files})
-    return out_dir
+            return out_dir
+
+        return commit_output(out_dir, reuse=lambda found: _finished_export(found, parent["manifest_sha256"]),
+                             build=build)
 
 
 def _hf_tensors(reader: NativeReader, config: LLMConfig) -> Iterator[tuple[str, torch.Tensor]]:
@@ -124,16 +125,23 @@ def write_hf_weights(
     return files
 
 
-def _finished_export(out_dir: Path, parent_manifest_sha256: str) -> bool:
-    """True if `out_dir` is a complete export of the same native checkpoint; raise if it holds anything else."""
-    if not out_dir.exists():
-        return False
-    manifest = read_manifest(out_dir)
-    if manifest.get("format") != EXPORT_FORMAT or manifest.get("parent", {}).get("manifest_sha256") != parent_manifest_sha256:
-        raise NevaError(
-            f"{out_dir} already exists and is not an export of this native checkpoint; "
-            f"delete it or choose another output folder"
-        )
-    verify_files(out_dir, manifest["files"], check_hash=False)
+def _finished_export(out_dir: Path, parent_manifest_sha256: str) -> Path | None:
+    """`out_dir` if it is a complete export of the same native checkpoint; None if it is an export of
+    another one or damaged (it is rebuilt); raise if it is no export at all."""
+    try:
+        manifest = read_manifest(out_dir)
+    except NevaError as exc:
+        raise NevaError(f"{out_dir} already exists and is not a neva export ({exc}); "
+                        "delete it or choose another output folder") from exc
+    if manifest.get("format") != EXPORT_FORMAT:
+        raise NevaError(f"{out_dir} already exists and is not a neva export; delete it or choose another output folder")
+    if manifest.get("parent", {}).get("manifest_sha256") != parent_manifest_sha256:
+        log.info("%s holds an export of another native checkpoint; exporting again", out_dir)
+        return None
+    try:
+        verify_files(out_dir, manifest["files"], check_hash=False)
+    except NevaError as exc:
+        log.warning("%s; exporting again", exc)
+        return None
     log.info("%s already holds this export; nothing to do", out_dir)
-    return True
+    return out_dir

@@ -1,21 +1,23 @@
 """Cheap, content-aware fingerprints: the inputs of every cache key.
 
 A fingerprint must change whenever the bytes a stage would read change, yet never cost a pass over
-27 GB. Files are fingerprinted by size and mtime; folders that carry a stage manifest by that
-manifest's own bytes (it already records every file's sha256); other folders by a listing of sizes
-and mtimes. Hashes inside manifests make the check content-aware without re-reading the data.
+27 GB. Files are fingerprinted by size and mtime, folders by the names, sizes and mtimes of every file
+they hold (their manifest included), so a file edited inside a snapshot changes the key even though
+the manifest did not.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.metadata
+import importlib.util
 import json
 import os
 from pathlib import Path
 from typing import Any
 
-from neva_core.io import MANIFEST_NAME, is_temp_name
+from neva_core.io import is_temp_name
 
 
 def _digest(obj: Any) -> str:
@@ -59,9 +61,6 @@ def path_fingerprint(path: Path | str) -> str:
         return "missing"
     if path.is_file():
         return _digest(["file", file_fingerprint(path)])
-    manifest = path / MANIFEST_NAME
-    if manifest.is_file():
-        return _digest(["manifest", manifest.read_text()])
     return _digest(["folder", folder_fingerprint(path)])
 
 
@@ -78,17 +77,61 @@ def value_fingerprint(value: Any) -> Any:
     return value
 
 
+# The packages whose version can change a stage's output bytes. Stages not listed depend on all of them.
+OUTPUT_DEPENDENCIES: dict[str, tuple[str, ...]] = {
+    "download": (),
+    "unzip": (),
+    "shard": ("pillow", "megatron-energon", "webdataset"),
+    "extend-tokenizer": ("sentencepiece", "protobuf", "tokenizers", "transformers"),
+    "convert": ("torch", "safetensors", "transformers", "sentencepiece"),
+    "repartition": ("torch", "safetensors"),
+}
+_ALL_DEPENDENCIES = tuple(sorted({name for names in OUTPUT_DEPENDENCIES.values() for name in names}))
+_SOURCE_PACKAGES = ("neva_core", "tasks", "flows")
+
+
+def dependency_versions(stage: str | None = None) -> dict[str, str]:
+    """The installed version of each package that can change `stage`'s output ("absent" if missing)."""
+    versions = {}
+    for name in OUTPUT_DEPENDENCIES.get(stage, _ALL_DEPENDENCIES) if stage else _ALL_DEPENDENCIES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "absent"
+    return versions
+
+
 @functools.cache
-def code_version() -> str:
-    """A digest of the library's source: any change to a stage's code invalidates cached results."""
-    root = Path(__file__).parent
+def source_version() -> str:
+    """A digest of the pipeline's own source: neva_core, tasks and flows."""
     digest = hashlib.sha256()
-    for path in sorted(root.rglob("*.py")):
-        digest.update(str(path.relative_to(root)).encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()[:16]
+    for package in _SOURCE_PACKAGES:
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            digest.update(f"{package}: absent".encode())
+            continue
+        root = Path(next(iter(spec.submodule_search_locations)))
+        for path in sorted(root.rglob("*.py")):
+            digest.update(f"{package}/{path.relative_to(root).as_posix()}".encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def code_version(stage: str | None = None) -> str:
+    """What invalidates cached results of `stage` when it changes: the pipeline's source and the versions
+    of the packages that shape that stage's output."""
+    return _digest([source_version(), dependency_versions(stage)])[:16]
 
 
 def cache_key(stage: str, **inputs: Any) -> str:
     """The key of one stage run: its name, its inputs' fingerprints, its parameters and the code version."""
-    return _digest([stage, code_version(), value_fingerprint(inputs)])
+    return _digest([stage, code_version(stage), value_fingerprint(inputs)])
+
+
+def output_folder(parent: Path, label: str, **params: Any) -> Path:
+    """A folder under `parent` for one set of a stage's inputs and parameters: `<label>-<digest>`.
+
+    Different parameters never share a folder, so a run never rewrites an output that a finished run
+    (or its cache record) still points at; `prune_outputs` keeps the number of old ones bounded.
+    """
+    return parent / f"{label}-{_digest(value_fingerprint(params))[:12]}"

@@ -1,35 +1,53 @@
 """Crash-safe file output: temporary name beside the target, fsync, rename; manifests written last.
 
 Every stage writes through these helpers so that a killed run never leaves a file or folder under its
-final name that a later run could mistake for a complete one.
+final name that a later run could mistake for a complete one. `commit_output` is the one way a stage
+publishes a folder; `file_lock` is the one lock.
+
+Shared filesystems (several hosts writing one workdir): temporary names carry the writer's host and pid,
+and a temporary is judged abandoned by its pid only when this host wrote it; another host's temporaries
+are never removed (a warning names them). Locks are POSIX record locks (`fcntl.lockf`), which NFSv4 (and
+NFSv3 with a running lockd/statd) enforces across hosts; mounts with `local_lock=posix` or `local_lock=all`
+(or `nolock`) make them local to one host, and several hosts must then not share a workdir.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import re
 import shutil
+import socket
+import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from neva_core.errors import NevaError
 
 MANIFEST_NAME = "manifest.json"
 _CHUNK = 8 << 20
-_TEMP_NAME = re.compile(r"\.(?P<target>.+)\.tmp-(?P<pid>\d+)-[0-9a-f]{8}")
+# .<target>.tmp-<host>-<pid>-<random>; names without a host are from older versions (this host's).
+_TEMP_NAME = re.compile(r"\.(?P<target>.+)\.tmp-(?:(?P<host>[A-Za-z0-9_.]+)-)?(?P<pid>\d+)-[0-9a-f]{8}")
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def _host() -> str:
+    # Dashes separate the name's fields, so they are replaced; dots and underscores stay.
+    return re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "localhost"
 
 
 def temp_name(dest: Path) -> Path:
-    """A unique temporary sibling of `dest` (same filesystem, so the final rename is atomic)."""
-    return dest.with_name(f".{dest.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    """A unique temporary sibling of `dest` (same filesystem, so the final rename is atomic), naming
+    this host and process."""
+    return dest.with_name(f".{dest.name}.tmp-{_host()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
 
 def is_temp_name(path: Path) -> bool:
@@ -46,24 +64,188 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
+def _abandoned_temps(folder: Path, target: str | None) -> Iterator[Path]:
+    """Temporaries in `folder` (of `target` only, if given) that this host wrote and whose writer is gone."""
+    if not folder.is_dir():
+        return
+    host = _host()
+    for entry in sorted(folder.iterdir()):
+        match = _TEMP_NAME.fullmatch(entry.name)
+        if not match or (target is not None and match["target"] != target):
+            continue
+        if match["host"] not in (None, host):
+            log.warning("leaving %s alone: host %s wrote it (remove it by hand once no run there is writing it)",
+                        entry, match["host"])
+            continue
+        if not _process_alive(int(match["pid"])):
+            yield entry
+
+
+def _remove(entry: Path) -> None:
+    if entry.is_dir() and not entry.is_symlink():
+        shutil.rmtree(entry, ignore_errors=True)
+    else:
+        entry.unlink(missing_ok=True)
+
+
 def remove_stale_temps(folder: Path, target: str | None = None) -> None:
     """Delete temporaries in `folder` (of the file named `target` only, if given) whose writer is gone.
 
     A killed run can leave gigabytes under a temporary name; nothing ever trusts it, but the disk space
-    must come back. The writer's pid is part of the name (`temp_name`), so the temporaries of a run
-    still going on are left alone.
+    must come back. The writer's host and pid are part of the name (`temp_name`): temporaries of a live
+    process here, and every temporary another host wrote, are left alone.
     """
-    if not folder.is_dir():
-        return
-    for entry in folder.iterdir():
-        match = _TEMP_NAME.fullmatch(entry.name)
-        if not match or (target is not None and match["target"] != target) or _process_alive(int(match["pid"])):
-            continue
+    for entry in _abandoned_temps(folder, target):
         log.info("removing %s, left by an interrupted run", entry)
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
+        _remove(entry)
+
+
+# --- the lock ---------------------------------------------------------------------------------------
+
+_thread_locks: dict[str, threading.Lock] = {}
+_thread_locks_guard = threading.Lock()
+
+
+def lock_path(dest: Path) -> Path:
+    """The lock file of an output: a hidden sibling, so it never becomes part of the output."""
+    return dest.with_name(f".{dest.name}.lock")
+
+
+@contextlib.contextmanager
+def file_lock(lock_file: Path, what: str, *, wait: bool = True) -> Iterator[bool]:
+    """Hold the exclusive lock on `lock_file` (created if needed); wait, saying so, while another holds it.
+
+    Yields True once held; with `wait=False` it yields False at once instead of waiting. Other processes
+    and hosts are kept out by a POSIX record lock (released by the kernel, or the NFS server's lease,
+    when the holder dies); other threads of this process by a thread lock, since POSIX locks belong to
+    the process.
+    """
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with _thread_locks_guard:
+        thread_lock = _thread_locks.setdefault(str(lock_file.absolute()), threading.Lock())
+    if not thread_lock.acquire(blocking=False):
+        if not wait:
+            yield False
+            return
+        log.info("waiting for another run writing %s to finish", what)
+        thread_lock.acquire()
+    try:
+        try:
+            fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise NevaError(f"cannot create the lock file {lock_file}: {exc.strerror or exc}; "
+                            "check its folder's permissions") from exc
+        try:
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                if not wait:
+                    yield False
+                    return
+                log.info("waiting for another run writing %s to finish", what)
+                fcntl.lockf(fd, fcntl.LOCK_EX)
+            yield True
+        finally:
+            os.close(fd)  # releases the lock
+    finally:
+        thread_lock.release()
+
+
+# --- committing a stage's output --------------------------------------------------------------------
+
+
+def commit_output(
+    dest: Path | str,
+    *,
+    reuse: Callable[[Path], T | None],
+    build: Callable[[Path], T],
+    resume: bool = False,
+) -> T:
+    """Reuse a finished output at `dest` made with these parameters, else build it beside and rename it in.
+
+    Under `dest`'s lock (so concurrent runs of the same stage compute it once: the second waits, then
+    reuses): `reuse(dest)` is called when `dest` exists and returns its result if it was made from the
+    same inputs and parameters, None if the stage made it from others, and raises NevaError if the folder
+    is not the stage's own (a foreign folder is never replaced). Otherwise `build(tmp)` writes the whole
+    output, manifest last, into a temporary sibling, which is renamed to `dest`. A different earlier
+    output is swapped out only once the new one is complete, then deleted, so `dest` always holds a whole
+    output. With `resume`, the temporary that a killed writer on this host left is adopted and handed to
+    `build` (which must check what it finds there); otherwise it is deleted, and so is a failed build's.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(lock_path(dest), str(dest)):
+        if dest.exists() or dest.is_symlink():
+            found = reuse(dest)
+            if found is not None:
+                return found
+            log.info("%s holds an output of other inputs or parameters; building the new one beside it", dest)
+        tmp = temp_name(dest)
+        abandoned = list(_abandoned_temps(dest.parent, dest.name))
+        if resume and abandoned:
+            log.info("resuming from %s, left by an interrupted run", abandoned[0])
+            os.rename(abandoned.pop(0), tmp)
         else:
-            entry.unlink(missing_ok=True)
+            tmp.mkdir()
+        for entry in abandoned:
+            log.info("removing %s, left by an interrupted run", entry)
+            _remove(entry)
+        try:
+            result = build(tmp)
+            _publish(tmp, dest)
+        except BaseException:
+            if not resume:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return result
+
+
+def _publish(tmp: Path, dest: Path) -> None:
+    fsync_dir(tmp)
+    previous = None
+    if dest.exists() or dest.is_symlink():
+        previous = temp_name(dest)  # a temporary name: a crash before its removal leaves nothing trusted
+        os.rename(dest, previous)
+    os.rename(tmp, dest)
+    fsync_dir(dest.parent)
+    if previous is not None:
+        _remove(previous)
+
+
+_KEYED_NAME = re.compile(r"(?P<label>.+)-[0-9a-f]{12}")
+
+
+def prune_outputs(used: Path, keep: int) -> list[Path]:
+    """Delete older outputs beside `used` with the same label (`<label>-<digest>`, see
+    `fingerprint.output_folder`), keeping `used` and the `keep - 1` most recently written others.
+
+    An output that some run holds the lock of (it is being written or checked) is skipped. A finished
+    run whose output was pruned is not harmed: its cache record no longer validates, so a rerun rebuilds.
+    Returns what was deleted.
+    """
+    match = _KEYED_NAME.fullmatch(used.name)
+    if match is None or not used.parent.is_dir():
+        return []
+    siblings = [entry for entry in used.parent.iterdir()
+                if entry != used and entry.is_dir() and _KEYED_NAME.fullmatch(entry.name)
+                and _KEYED_NAME.fullmatch(entry.name)["label"] == match["label"]]
+    siblings.sort(key=lambda entry: entry.stat().st_mtime_ns, reverse=True)
+    removed = []
+    for entry in siblings[max(keep - 1, 0):]:
+        if _remove_unless_locked(entry):
+            removed.append(entry)
+    return removed
+
+
+def _remove_unless_locked(output: Path) -> bool:
+    with file_lock(lock_path(output), str(output), wait=False) as held:
+        if not held:
+            return False
+        log.info("removing %s, an older output (keeping the newest ones)", output)
+        doomed = temp_name(output)
+        os.rename(output, doomed)  # out of sight at once; a crash mid-delete leaves only a temporary
+        shutil.rmtree(doomed, ignore_errors=True)
+        return True
 
 
 def fsync_dir(path: Path) -> None:

@@ -21,9 +21,21 @@ from typing import Any
 
 import torch
 
+from neva_core.checkpoint.convert import HFCheckpointReader, source_dtype
 from neva_core.checkpoint.hf import DTYPES, hf_config_from_llm, hf_tensor_shapes
-from neva_core.checkpoint.layout import NativeReader, Provenance, read_native_config, save_native, verify_native
-from neva_core.checkpoint.safetensors_stream import SafetensorsReader, StreamingWriter, TensorSpec, prefetched
+from neva_core.checkpoint.layout import (
+    NativeReader,
+    Provenance,
+    read_native_config,
+    save_native,
+    verify_native,
+)
+from neva_core.checkpoint.safetensors_stream import (
+    SafetensorsReader,
+    StreamingWriter,
+    TensorSpec,
+    prefetched,
+)
 from neva_core.data.templates import chat_template
 from neva_core.data.text_tokenizer import load_text_tokenizer
 from neva_core.errors import NevaError
@@ -39,10 +51,19 @@ from neva_core.io import (
     write_json_atomic,
     write_manifest,
 )
-from neva_core.model.llava_hf import FILE_PREFIXES, hf_llm_file_tensors, llava_parts
+from neva_core.model.llava_hf import (
+    FILE_PREFIXES,
+    LlavaParts,
+    hf_llm_file_tensors,
+    llava_parts,
+)
 from neva_core.model.neva import NevaModel
 from neva_core.model.parallel import TPGroup
-from neva_core.model.projector import hf_projector_activation, hf_projector_tensors, projector_type_of
+from neva_core.model.projector import (
+    hf_projector_activation,
+    hf_projector_tensors,
+    projector_type_of,
+)
 from neva_core.model.trained import (
     LLM_DIR,
     PROJECTOR_FILE,
@@ -56,7 +77,12 @@ from neva_core.model.trained import (
     read_trained_config,
     save_trained_model,
 )
-from neva_core.model.vision import VisionTower, read_bin, read_state_dict, read_vision_config, read_vision_weights
+from neva_core.model.vision import (
+    VisionTower,
+    read_bin,
+    read_vision_config,
+    read_vision_weights,
+)
 
 log = logging.getLogger(__name__)
 
@@ -208,8 +234,7 @@ def model_from_llava_state(state: Mapping[str, torch.Tensor], llava_config: Mapp
                            template: str, tp_group: TPGroup = None, source: str = "the LLaVA weights") -> NevaModel:
     """A NevaModel (this rank of `tp_group`) holding an in-memory HF LLaVA model's weights."""
     parts = llava_parts(state, llava_config, source)
-    llm = build_llm(parts.llm_config, rank_tensors_from_full(parts.llm_tensors.items(), parts.llm_config, tp_group),
-                    tp_group)
+    llm = build_llm(parts.llm_config, rank_tensors_from_full(parts.llm_tensors(), parts.llm_config, tp_group), tp_group)
     vision = VisionTower.from_state(parts.vision_config, parts.vision_tensors, parts.vision_select_layer,
                                     source=source)
     settings = TrainedModelConfig(family=parts.llm_config.family, template=template,
@@ -224,51 +249,80 @@ _TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json"
 _MM_PROJECTOR_PREFIXES = ("model.mm_projector.", "mm_projector.")
 
 
+class _CheckpointTensors(Mapping[str, torch.Tensor]):
+    """An HF checkpoint folder as a mapping whose tensors are read from disk when looked up."""
+
+    def __init__(self, reader: HFCheckpointReader) -> None:
+        self._reader, self._names = reader, reader.names()
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._reader.read(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
 def import_llava_hf(hf_dir: Path | str, out_dir: Path | str, *, template: str) -> Path:
     """An `llava-hf/*`-style folder (LlavaForConditionalGeneration) as a trained-model folder `out_dir`.
 
-    `template` is the prompt template the model was finetuned with (LLaVA-1.5: vicuna_v1).
+    `template` is the prompt template the model was finetuned with (LLaVA-1.5: vicuna_v1). The LLM is
+    streamed tensor by tensor into its native rank file, in the checkpoint's dtype.
     """
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     config_path = hf_dir / "config.json"
     if not config_path.is_file():
         raise NevaError(f"{hf_dir} has no config.json; pass an HF LLaVA model folder")
+    if out_dir.exists():
+        raise NevaError(f"{out_dir} already exists; remove it or choose another output path")
     llava_config = json.loads(config_path.read_text())
-    parts = llava_parts(read_state_dict(hf_dir, "LLaVA"), llava_config, str(hf_dir))
     tokenizer_files = [name for name in _TOKENIZER_FILES if (hf_dir / name).is_file()]
     if not {"tokenizer.model", "tokenizer.json"} & set(tokenizer_files):
         raise NevaError(f"{hf_dir} holds no tokenizer (tokenizer.model or tokenizer.json)")
-    if out_dir.exists():
-        raise NevaError(f"{out_dir} already exists; remove it or choose another output path")
     image_processor = _image_processor_config(hf_dir)
-    dtype = _checkpoint_dtype(parts.llm_tensors)
-    settings = TrainedModelConfig(
-        family=parts.llm_config.family, template=template, projector_type=parts.projector_type,
-        image_size=parts.vision_config.image_size, patch_size=parts.vision_config.patch_size,
-        image_token_id=parts.image_token_id, vision_select_layer=parts.vision_select_layer,
-    )
-    staging_name = f"{out_dir.name}-import"
-    remove_stale_temps(out_dir.parent, staging_name)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging_dir = temp_name(out_dir.with_name(staging_name))  # beside out_dir, so the files hard-link
-    staging_dir.mkdir()
-    try:
-        save_native(staging_dir / LLM_DIR, parts.llm_config, tp=1, dtype=dtype,
-                    provenance=Provenance(source={"llava_hf": str(hf_dir.resolve())},
-                                          original_vocab_size=parts.llm_config.vocab_size,
-                                          hf_config=llava_config["text_config"]),
-                    tensors=((name, t.to(DTYPES[dtype])) for name, t in parts.llm_tensors.items()))
-        vision_dir = staging_dir / VISION_DIR
-        _write_vision_folder(vision_dir, parts.vision_config, parts.vision_tensors, image_processor)
-        tokenizer_dir = staging_dir / TOKENIZER_DIR
-        tokenizer_dir.mkdir()
-        for name in tokenizer_files:
-            shutil.copy2(hf_dir / name, tokenizer_dir / name)
-        return save_trained_model(out_dir, llm=staging_dir / LLM_DIR, projector=parts.projector_tensors,
-                                  vision_dir=vision_dir, tokenizer_dir=tokenizer_dir, settings=settings,
-                                  dtype=dtype, provenance={"imported_from": str(hf_dir.resolve())})
-    finally:
-        shutil.rmtree(staging_dir, ignore_errors=True)
+    with HFCheckpointReader(hf_dir) as reader:
+        parts = llava_parts(_CheckpointTensors(reader), llava_config, str(hf_dir))
+        dtype = source_dtype(llava_config, _RenamedReader(reader, parts))
+        settings = TrainedModelConfig(
+            family=parts.llm_config.family, template=template, projector_type=parts.projector_type,
+            image_size=parts.vision_config.image_size, patch_size=parts.vision_config.patch_size,
+            image_token_id=parts.image_token_id, vision_select_layer=parts.vision_select_layer,
+        )
+        staging_name = f"{out_dir.name}-import"
+        remove_stale_temps(out_dir.parent, staging_name)
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging_dir = temp_name(out_dir.with_name(staging_name))  # beside out_dir, so the files hard-link
+        staging_dir.mkdir()
+        try:
+            save_native(staging_dir / LLM_DIR, parts.llm_config, tp=1, dtype=dtype,
+                        provenance=Provenance(source={"llava_hf": str(hf_dir.resolve())},
+                                              original_vocab_size=parts.llm_config.vocab_size,
+                                              hf_config=llava_config["text_config"]),
+                        tensors=((name, t.to(DTYPES[dtype])) for name, t in parts.llm_tensors()),
+                        wanted={"tp": 1, "dtype": dtype})
+            vision_dir = staging_dir / VISION_DIR
+            _write_vision_folder(vision_dir, parts.vision_config, parts.vision_tensors, image_processor)
+            tokenizer_dir = staging_dir / TOKENIZER_DIR
+            tokenizer_dir.mkdir()
+            for name in tokenizer_files:
+                shutil.copy2(hf_dir / name, tokenizer_dir / name)
+            return save_trained_model(out_dir, llm=staging_dir / LLM_DIR, projector=parts.projector_tensors,
+                                      vision_dir=vision_dir, tokenizer_dir=tokenizer_dir, settings=settings,
+                                      dtype=dtype, provenance={"imported_from": str(hf_dir.resolve())})
+        finally:
+            shutil.rmtree(staging_dir, ignore_errors=True)
+
+
+class _RenamedReader:
+    """`spec` of the LLM's causal-LM names, for `source_dtype` when config.json declares no dtype."""
+
+    def __init__(self, reader: HFCheckpointReader, parts: LlavaParts) -> None:
+        self._reader, self._names = reader, parts.llm_hf.source_names
+
+    def spec(self, name: str) -> TensorSpec:
+        return self._reader.spec(self._names[name])
 
 
 def import_mm_projector(
@@ -318,11 +372,6 @@ def _read_safetensors_file(path: Path) -> dict[str, torch.Tensor]:
         raise NevaError(f"{path} does not exist")
     with SafetensorsReader(path) as reader:
         return {name: reader.read(name) for name in reader.names()}
-
-
-def _checkpoint_dtype(tensors: dict[str, torch.Tensor]) -> str:
-    dtype = next(iter(tensors.values())).dtype
-    return next((name for name, value in DTYPES.items() if value == dtype), "fp32")
 
 
 def _image_processor_config(hf_dir: Path) -> dict[str, Any]:

@@ -33,8 +33,8 @@ from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
 from neva_core.errors import NevaError
 from neva_core.io import (
-    atomic_dir,
     atomic_file,
+    commit_output,
     file_entry,
     read_manifest,
     verify_files,
@@ -219,9 +219,6 @@ def extend_sentencepiece(
     source_bytes = read_model_bytes(model_path)
     source_sha256 = hashlib.sha256(source_bytes).hexdigest()
     request = {"tokens": list(tokens), "piece_type": piece_type}
-    if out_dir.exists():
-        return _reuse_existing(out_dir, source_sha256, request)
-
     proto = parse_model_proto(source_bytes, model_path)
     old_vocab_size = len(proto.pieces)
     added, present = add_pieces(proto, tokens, PIECE_TYPES[piece_type])
@@ -244,7 +241,8 @@ def extend_sentencepiece(
         "roles": default_roles({piece.piece for piece in proto.pieces}),
         "hf_files_refused": refusal,
     }
-    with atomic_dir(out_dir) as tmp:
+
+    def write(tmp: Path) -> TokenizerExtension:
         with atomic_file(tmp / MODEL_FILE) as f:
             f.write(model_bytes)
         names = [MODEL_FILE, EXTENSION_FILE]
@@ -253,20 +251,30 @@ def extend_sentencepiece(
             names += [HF_TOKENIZER_FILE, HF_CONFIG_FILE]
         write_json_atomic(tmp / EXTENSION_FILE, record)
         write_manifest(tmp, {"stage": STAGE, "files": {name: file_entry(tmp / name) for name in sorted(names)}})
-    return _extension_from_record(out_dir, record)
+        return _extension_from_record(out_dir, record)
+
+    return commit_output(out_dir, reuse=lambda found: _reuse_existing(found, source_sha256, request), build=write)
 
 
-def _reuse_existing(out_dir: Path, source_sha256: str, request: dict[str, Any]) -> TokenizerExtension:
-    manifest = read_manifest(out_dir)
+def _reuse_existing(out_dir: Path, source_sha256: str, request: dict[str, Any]) -> TokenizerExtension | None:
+    """The extension at `out_dir` if it was made from the same model and request; None if from others or
+    damaged (it is then rebuilt); an error if the folder is no extended tokenizer (never replaced)."""
+    try:
+        manifest = read_manifest(out_dir)
+    except NevaError as exc:
+        raise NevaError(f"{out_dir} exists and is not an extended tokenizer ({exc}); "
+                        "remove it or choose another output folder") from exc
     if manifest.get("stage") != STAGE:
         raise NevaError(f"{out_dir} exists and is not an extended tokenizer; remove it or choose another output folder")
-    verify_files(out_dir, manifest["files"])
+    try:
+        verify_files(out_dir, manifest["files"])
+    except NevaError as exc:
+        log.warning("%s; extending again", exc)
+        return None
     record = json.loads((out_dir / EXTENSION_FILE).read_text())
     if record["source"]["sha256"] != source_sha256 or record["request"] != request:
-        raise NevaError(
-            f"{out_dir} already holds a tokenizer extended from another source model or with other tokens "
-            f"({record['request']}); remove it or choose another output folder"
-        )
+        log.info("%s holds a tokenizer extended from another model or with other tokens; extending again", out_dir)
+        return None
     log.info("%s is already complete for this request; nothing written", out_dir)
     return _extension_from_record(out_dir, record, reused=True)
 

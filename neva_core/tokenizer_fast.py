@@ -24,7 +24,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from neva_core.errors import NevaError
-from neva_core.io import atomic_dir, atomic_file, file_entry, write_json_atomic, write_manifest
+from neva_core.io import atomic_file, commit_output, file_entry, write_json_atomic, write_manifest
 from neva_core.tokenizer import (
     EXTENSION_FILE,
     HF_CONFIG_FILE,
@@ -78,9 +78,13 @@ def extend_fast_tokenizer(
         json.dumps({name: hashlib.sha256(data).hexdigest() for name, data in sources.items()}, sort_keys=True).encode()
     ).hexdigest()
     request = {"kind": HF_FAST, "tokens": list(tokens)}
-    if out_dir.exists():
-        return _reuse_existing(out_dir, source_sha256, request)
+    return commit_output(out_dir, reuse=lambda found: _reuse_existing(found, source_sha256, request),
+                         build=lambda tmp: _write_extension(tokenizer_json, sources, source_sha256, request, tmp, out_dir))
 
+
+def _write_extension(tokenizer_json: Path, sources: dict[str, bytes], source_sha256: str, request: dict[str, Any],
+                     tmp: Path, out_dir: Path) -> TokenizerExtension:
+    tokens = request["tokens"]
     base = load_fast_tokenizer(sources[HF_TOKENIZER_FILE], tokenizer_json)
     old_vocab_size = id_count(base)
     stand_ins, family = role_stand_ins(base, tokens)
@@ -100,15 +104,14 @@ def extend_fast_tokenizer(
         "roles": roles,
         "role_tokens_from": family,
     }
-    with atomic_dir(out_dir) as tmp:
-        files = _output_files(sources, extended, added)
-        for name, data in files.items():
-            with atomic_file(tmp / name) as f:
-                f.write(data)
-        check_fast_agreement(tmp, base, record)
-        write_json_atomic(tmp / EXTENSION_FILE, record)
-        names = sorted([*files, EXTENSION_FILE])
-        write_manifest(tmp, {"stage": STAGE, "files": {name: file_entry(tmp / name) for name in names}})
+    files = _output_files(sources, extended, added)
+    for name, data in files.items():
+        with atomic_file(tmp / name) as f:
+            f.write(data)
+    check_fast_agreement(tmp, base, record)
+    write_json_atomic(tmp / EXTENSION_FILE, record)
+    names = sorted([*files, EXTENSION_FILE])
+    write_manifest(tmp, {"stage": STAGE, "files": {name: file_entry(tmp / name) for name in names}})
     return _extension_from_record(out_dir, record)
 
 

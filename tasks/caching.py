@@ -28,6 +28,11 @@ class StageCache(CachePolicy):
     `outputs_ok(result)` tells whether the outputs a recorded result points at are still complete.
     When they were deleted or damaged, the task runs again under a fresh key instead of handing
     back paths to nothing.
+
+    Two runs of the same stage at once both miss the cache and both run the task; the stage's own
+    output lock (`io.commit_output`) makes the second wait and then reuse what the first wrote. Prefect's
+    SERIALIZABLE isolation is not used: its FileSystemLockManager leaves the lock file of a killed run
+    behind with no expiry, so the next run would wait forever, while the kernel drops a dead run's lock.
     """
 
     stage: str = ""

@@ -30,7 +30,9 @@ def hub_token(secret_block: str | None) -> str | None:
 
 
 def _source_version(inputs: dict[str, Any]) -> str:
-    return remote_fingerprint(inputs["source"], hub_token(inputs.get("token_secret")), inputs.get("endpoint"))
+    # With HF_HUB_OFFLINE set, a Hub source is keyed by the commit recorded in `dest`: no Hub needed.
+    return remote_fingerprint(inputs["source"], hub_token(inputs.get("token_secret")), inputs.get("endpoint"),
+                              dest=inputs["dest"], include=tuple(inputs.get("include") or ()))
 
 
 def _downloaded_files_present(result: dict[str, Any]) -> None:

@@ -9,7 +9,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from neva_core.data.loader import IGNORE_INDEX, EncodedRecord, RawRecord, SkipRecord
+from neva_core.data.loader import EncodedRecord, RawRecord, SkipRecord
+from neva_core.data.templates import IGNORE_INDEX
 
 IMAGE_TOKEN_ID = 3
 IMAGE_TOKENS = 4
@@ -29,6 +30,7 @@ class CharEncoder:
 
     skip_ids: frozenset[str] = frozenset()
     call_log: str | None = None  # a file that gets "<pid> <id>" per call (calls happen in worker processes)
+    augment: bool = False  # append a random trained token, as a random augmentation would change a sample
 
     def __call__(self, record: RawRecord) -> EncodedRecord:
         if self.call_log is not None:
@@ -42,6 +44,10 @@ class CharEncoder:
             ids = char_ids(before) + [IMAGE_TOKEN_ID] * IMAGE_TOKENS * bool(tag) + char_ids(after)
             input_ids += ids
             labels += ids if turn["from"] == "gpt" else [IGNORE_INDEX] * len(ids)
+        if self.augment:
+            token = int(torch.randint(10, 210, ()))
+            input_ids.append(token)
+            labels.append(token)
         image = None if record.image is None else tiny_image(record.image)
         return EncodedRecord(input_ids=input_ids, labels=labels, image=image)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -152,8 +153,18 @@ def test_provenance_and_idempotent_rerun(tmp_path: Path):
     mtime = (tmp_path / "native" / "manifest.json").stat().st_mtime_ns
     assert convert_hf_checkpoint(hf_dir, tmp_path / "native", dtype="bf16") == first
     assert (tmp_path / "native" / "manifest.json").stat().st_mtime_ns == mtime  # reused, not rewritten
-    with pytest.raises(NevaError, match="already holds a different checkpoint: dtype='bf16' \\(wanted 'fp16'\\)"):
-        convert_hf_checkpoint(hf_dir, tmp_path / "native", dtype="fp16")
+    # Other settings into the same folder: rebuilt beside, then swapped in whole.
+    assert convert_hf_checkpoint(hf_dir, tmp_path / "native", dtype="fp16").dtype == "fp16"
+    verify_native(tmp_path / "native")
+    # An edited source file (same manifest) is a different source: the reuse check sees it.
+    weights = hf_dir / "model.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    again = convert_hf_checkpoint(hf_dir, tmp_path / "native", dtype="fp16")
+    assert (tmp_path / "native" / "manifest.json").stat().st_mtime_ns != mtime and again.dtype == "fp16"
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "mine.txt").write_text("user data")
+    with pytest.raises(NevaError, match="not a native checkpoint"):
+        convert_hf_checkpoint(hf_dir, tmp_path / "notes")
 
 
 def _write_config(folder: Path, **changes) -> Path:

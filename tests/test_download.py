@@ -302,6 +302,31 @@ def test_snapshot_without_weights_is_an_error_naming_repo_and_patterns(hub: Fake
         download(str(local), tmp_path / "copy", include=ModelConfig().vision_include)
 
 
+def test_offline_rerun_serves_the_recorded_commit_without_the_hub(
+    hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    repo = hub.add_repo("org/model", model_files(), lfs=LFS)
+    first = download("hf://org/model", tmp_path / "snap", include=INCLUDE, endpoint=hub.endpoint, **FAST)
+    download("hf://org/model/config.json", tmp_path / "one", endpoint=hub.endpoint, **FAST)
+    online_key = remote_fingerprint("hf://org/model", endpoint=hub.endpoint)
+    hub.commit(repo, {"config.json": b"{}"})  # the branch moves on: offline still means the recorded commit
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    before = len(hub.server.requests)
+    again = download("hf://org/model", tmp_path / "snap", include=INCLUDE, endpoint=hub.endpoint, **FAST)
+    assert (again.commit, again.transferred_bytes) == (first.commit, 0)
+    assert [(f.path, f.sha256) for f in again.files] == [(f.path, f.sha256) for f in first.files]
+    assert remote_fingerprint("hf://org/model", endpoint=hub.endpoint, dest=tmp_path / "snap",
+                              include=INCLUDE) == online_key
+    single = download("hf://org/model/config.json", tmp_path / "one", endpoint=hub.endpoint, **FAST)
+    assert single.paths == [tmp_path / "one" / "config.json"]
+    assert len(hub.server.requests) == before  # not one request
+    with pytest.raises(NevaError, match="HF_HUB_OFFLINE is set and .* holds no complete download"):
+        download("hf://org/model", tmp_path / "snap", include=("*.json",), endpoint=hub.endpoint, **FAST)
+    (tmp_path / "snap" / "config.json").write_bytes(b"edited")
+    with pytest.raises(NevaError, match="HF_HUB_OFFLINE is set and the copy .* is incomplete or changed"):
+        download("hf://org/model", tmp_path / "snap", include=INCLUDE, endpoint=hub.endpoint, **FAST)
+
+
 def test_hub_rerun_adopts_a_verified_file_whose_record_is_missing(hub: FakeHub, tmp_path: Path) -> None:
     files = model_files()
     hub.add_repo("org/model", files, lfs=LFS)

@@ -19,15 +19,20 @@ def test_file_fingerprint_follows_size_and_mtime(tmp_path: Path) -> None:
     assert path_fingerprint(path) != before
 
 
-def test_folder_with_manifest_is_keyed_by_manifest(tmp_path: Path) -> None:
+def test_folder_with_manifest_follows_its_files_too(tmp_path: Path) -> None:
     (tmp_path / "a.tar").write_bytes(b"x")
     (tmp_path / "manifest.json").write_text(json.dumps({"files": {"a.tar": {"sha256": "1"}}}))
     first = path_fingerprint(tmp_path)
     # A temporary file of an interrupted writer does not change what the folder holds.
-    (tmp_path / ".b.tar.tmp-1-abc").write_bytes(b"partial")
+    (tmp_path / ".b.tar.tmp-host-1-0123abcd").write_bytes(b"partial")
     assert path_fingerprint(tmp_path) == first
+    # A file edited in place, manifest untouched (same size, new mtime): a different folder.
+    stat = (tmp_path / "a.tar").stat()
+    os.utime(tmp_path / "a.tar", ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    second = path_fingerprint(tmp_path)
+    assert second != first
     (tmp_path / "manifest.json").write_text(json.dumps({"files": {"a.tar": {"sha256": "2"}}}))
-    assert path_fingerprint(tmp_path) != first
+    assert path_fingerprint(tmp_path) != second
 
 
 def test_folder_without_manifest_is_keyed_by_listing(tmp_path: Path) -> None:
@@ -48,3 +53,26 @@ def test_cache_key_depends_on_stage_params_and_content(tmp_path: Path) -> None:
     assert key != cache_key("convert", src=src, maxcount=10)
     src.write_bytes(b"abcd")
     assert key != cache_key("shard", src=src, maxcount=10)
+
+
+def test_code_version_covers_tasks_flows_and_output_dependencies(monkeypatch) -> None:
+    import importlib.metadata
+
+    import neva_core.fingerprint as fingerprint
+
+    assert set(fingerprint.dependency_versions("shard")) == {"pillow", "megatron-energon", "webdataset"}
+    assert "tokenizers" in fingerprint.dependency_versions("extend-tokenizer")
+    before = {stage: fingerprint.code_version(stage) for stage in ("shard", "convert")}
+    real_version = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version",
+                        lambda name: "99.0" if name == "pillow" else real_version(name))
+    assert fingerprint.code_version("shard") != before["shard"]
+    assert fingerprint.code_version("convert") == before["convert"]  # Pillow does not shape checkpoints
+    fingerprint.source_version.cache_clear()
+    real_read = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes",
+                        lambda self: real_read(self) + (b"#" if self.name == "neva.py" and self.parent.name == "flows" else b""))
+    try:
+        assert fingerprint.code_version("convert") != before["convert"]  # flows/ is part of the code
+    finally:
+        fingerprint.source_version.cache_clear()

@@ -2,21 +2,31 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
 import shutil
+import threading
+from collections import Counter
 from pathlib import Path
 
 import pytest
+import yaml
 from prefect.client.orchestration import get_client
 from prefect.states import Failed
+from pydantic import ValidationError
 
+import neva_core.io
 from flows.neva import neva, source_name
-from neva_core.checkpoint.layout import load_native_rank, read_native_config
+from neva_core.checkpoint.layout import load_native_rank, read_native_config, verify_native
+from neva_core.cli import main
 from neva_core.config import DatasetConfig, ModelConfig, PipelineConfig
 from neva_core.data.shards import read_shard_manifest
 from neva_core.errors import NevaError, TransientError
-from neva_core.fixtures import Fixtures
+from download_support import FakeHub, FakeServer, isolate_hub_client
+from neva_core.fixtures import Fixtures, load_fixtures
 from tasks.caching import retry_transient
-from tasks.data import hub_token, shard_task
+from tasks.data import shard_task
 
 pytestmark = pytest.mark.slow
 
@@ -51,12 +61,29 @@ def run_flow(config: PipelineConfig) -> tuple[dict, dict[str, str]]:
     return state.result(), task_states(state.state_details.flow_run_id)
 
 
+def latest_flow_run_states() -> dict[str, str]:
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    with get_client(sync_client=True) as client:
+        (latest,) = client.read_flow_runs(sort=FlowRunSort.EXPECTED_START_TIME_DESC, limit=1)
+    return task_states(latest.id)
+
+
+def write_yaml(config: PipelineConfig, path: Path) -> Path:
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    return path
+
+
 @pytest.fixture(scope="module")
 def first_run(neva_fixtures: Fixtures, tmp_path_factory: pytest.TempPathFactory) -> tuple[PipelineConfig, dict]:
-    config = pipeline_config(neva_fixtures, tmp_path_factory.mktemp("flow") / "work")
-    result, states = run_flow(config)
-    assert states == {name: "Completed" for name in ("download", "shard", "extend-tokenizer", "convert",
-                                                     "repartition")}
+    """The flow as a user starts it: `neva run CONFIG.yaml`."""
+    root = tmp_path_factory.mktemp("flow")
+    config = pipeline_config(neva_fixtures, root / "work")
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        assert main(["run", str(write_yaml(config, root / "pipeline.yaml"))]) == 0
+    result = json.loads(printed.getvalue())
+    assert latest_flow_run_states() == {name: "Completed" for name in ("download", "shard", "extend-tokenizer",
+                                                                       "convert", "repartition")}
     return config, result
 
 
@@ -66,7 +93,8 @@ def test_flow_produces_every_stage_output(first_run: tuple[PipelineConfig, dict]
     assert manifest["written"] + manifest["skipped"] == manifest["records"] == 64
     assert result["tokenizer"]["vocab_size"] == 392
     native = Path(result["llm"]["path"])
-    assert native == config.workdir / "checkpoints" / "tiny-llama" / "native-fp32-tp2"
+    assert native.parent == config.workdir / "checkpoints" / "tiny-llama"
+    assert native.name.startswith("native-tpn-")
     llm_config, meta = read_native_config(native)
     assert (meta["tp"], llm_config.vocab_size, llm_config.padded_vocab_size) == (2, 392, 512)
     rank1 = load_native_rank(native, 1)
@@ -92,23 +120,131 @@ def test_deleted_output_is_rebuilt_not_trusted(first_run: tuple[PipelineConfig, 
     assert again["llm"]["manifest_sha256"] == result["llm"]["manifest_sha256"]
 
 
-def test_changed_input_misses_the_cache_and_unzip_is_optional(
-    first_run: tuple[PipelineConfig, dict], tmp_path: Path
+def test_changed_parameters_in_the_same_workdir_recompute_and_keep_the_old_outputs(
+    first_run: tuple[PipelineConfig, dict]
 ) -> None:
-    config, _ = first_run
+    config, before = first_run
+    before_shards = read_shard_manifest(before["shards"]["out_dir"], deep=True)
     dataset = config.dataset.model_copy(update={"maxcount": 8, "unzip": True})
-    changed = config.model_copy(update={"dataset": dataset, "workdir": tmp_path / "work"})
-    _, states = run_flow(changed)
-    assert states["shard"] == "Completed" and states["unzip"] == "Completed"
-    assert len(list((tmp_path / "work" / "images" / "fixture").rglob("*.jpg"))) >= 64
+    model = config.model.model_copy(update={"special_tokens": (*config.model.special_tokens, "<extra_id_8>"),
+                                            "dtype": "bf16"})
+    changed = config.model_copy(update={"dataset": dataset, "model": model})
+    after, states = run_flow(changed)
+    stages = ("shard", "unzip", "extend-tokenizer", "convert", "repartition")
+    assert {name: states[name] for name in stages} == {name: "Completed" for name in stages}
+    assert read_shard_manifest(after["shards"]["out_dir"])["params"]["maxcount"] == 8
+    assert after["tokenizer"]["vocab_size"] == 393
+    llm_config, meta = read_native_config(after["llm"]["path"])
+    assert (llm_config.vocab_size, meta["dtype"]) == (393, "bf16")
+    assert len(list((config.workdir / "images").glob("fixture-*/**/*.jpg"))) >= 64
+    # The first run's outputs are untouched: what its result points at is still whole and the same.
+    assert read_shard_manifest(before["shards"]["out_dir"], deep=True) == before_shards
+    verify_native(before["llm"]["path"])
+    assert read_native_config(before["llm"]["path"])[0].vocab_size == 392
+    # Back to the first parameters: served from the cache, since those outputs were kept; keeping one
+    # output per stage then removes the other run's.
+    _, states = run_flow(config.model_copy(update={"keep_outputs": 1}))
+    assert states["shard"] == states["convert"] == "Cached"
+    assert [p.name for p in (config.workdir / "shards").iterdir() if not p.name.startswith(".")] == [
+        Path(before["shards"]["out_dir"]).name]
+    assert not Path(after["llm"]["path"]).exists() and not Path(after["tokenizer"]["out_dir"]).exists()
 
 
-def test_hf_token_comes_from_a_secret_block(first_run: tuple[PipelineConfig, dict]) -> None:
-    from prefect.blocks.system import Secret
+def test_concurrent_runs_of_one_config_build_each_output_once_under_the_runs_cwd(
+    neva_fixtures: Fixtures, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = pipeline_config(neva_fixtures, Path("work")).model_copy(update={"model": None})
+    config = config.model_copy(update={"dataset": config.dataset.model_copy(update={"unzip": True})})
+    assert config.workdir == Path("work")  # a relative workdir stays relative until a run resolves it
+    monkeypatch.chdir(tmp_path)
+    published: Counter[str] = Counter()
+    publish = neva_core.io._publish
 
-    Secret(value="hf_fake_token_for_tests").save("neva-test-hf-token", overwrite=True)
-    assert hub_token("neva-test-hf-token") == "hf_fake_token_for_tests"
-    assert hub_token(None) is None
+    def counting_publish(tmp: Path, dest: Path) -> None:
+        published[str(dest)] += 1
+        publish(tmp, dest)
+
+    monkeypatch.setattr(neva_core.io, "_publish", counting_publish)
+    results: list[dict] = []
+    threads = [threading.Thread(target=lambda: results.append(neva(config))) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(results) == 2 and results[0]["shards"]["out_dir"] == results[1]["shards"]["out_dir"]
+    shards = Path(results[0]["shards"]["out_dir"])
+    assert shards.parent == tmp_path / "work" / "shards"
+    (unzipped,) = [p for p in (tmp_path / "work" / "images").iterdir() if not p.name.startswith(".")]
+    # Each stage built once: the other run waited on the output's lock and reused it, or hit the cache.
+    assert published == {str(shards): 1, str(unzipped): 1}
+
+
+def test_offline_rerun_and_a_new_llm_revision(
+    neva_fixtures: Fixtures, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    isolate_hub_client(monkeypatch)
+    files = {p.relative_to(neva_fixtures.llm_dir).as_posix(): p.read_bytes()
+             for p in neva_fixtures.llm_dir.rglob("*") if p.is_file()}
+    with FakeServer() as server:
+        hub = FakeHub(server)
+        repo = hub.add_repo("org/tiny-llama", files, lfs={"model.safetensors", "tokenizer.model"})
+        first_commit = repo.branches["main"]
+        weights = bytearray(files["model.safetensors"])
+        weights[-1] ^= 0x01  # other weights, same layout: a new revision of the model
+        second_commit = hub.commit(repo, {**files, "model.safetensors": bytes(weights)})
+        config = pipeline_config(neva_fixtures, tmp_path / "work")
+        model = config.model.model_copy(update={"llm_source": f"hf://org/tiny-llama@{first_commit}"})
+        config = config.model_copy(update={"model": model, "hf_endpoint": hub.endpoint})
+        online, _ = run_flow(config)
+        assert read_native_config(online["llm"]["path"])[1]["source"]["commit"] == first_commit
+
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        requests = len(server.requests)
+        offline, states = run_flow(config)
+        assert set(states.values()) == {"Cached"} and offline == online
+        assert len(server.requests) == requests  # the cache keys came from the recorded commit
+        monkeypatch.delenv("HF_HUB_OFFLINE")
+
+        model = model.model_copy(update={"llm_source": f"hf://org/tiny-llama@{second_commit}"})
+        newer, states = run_flow(config.model_copy(update={"model": model}))
+    assert states["convert"] == states["repartition"] == "Completed"
+    assert read_native_config(newer["llm"]["path"])[1]["source"]["commit"] == second_commit
+    assert newer["llm"]["manifest_sha256"] != online["llm"]["manifest_sha256"]
+    verify_native(online["llm"]["path"])  # the first revision's checkpoint is still whole
+
+
+def test_demo_with_other_images_against_an_existing_demo_folder(
+    neva_fixtures: Fixtures, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    earlier = tmp_path / "demo" / "fixtures" / "seed0-images64"  # what `neva demo --images 64` left there
+    shutil.copytree(neva_fixtures.root, earlier)
+    assert main(["demo", "--workdir", str(tmp_path / "demo"), "--images", "16", "--tp", "1"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert read_shard_manifest(result["shards"]["out_dir"])["records"] == 16
+    assert load_fixtures(earlier).pretrain_json.is_file()
+
+
+def test_run_command_names_the_bad_keys(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("dataset:\n  maxcount: 0\n  colour: red\nmodel:\n  vision_source: 'hf://'\n")
+    assert main(["run", str(bad)]) == 2
+    message = capsys.readouterr().err
+    for key in ("dataset.maxcount", "dataset.colour", "model.vision_source"):
+        assert key in message
+    bad.write_text("- just\n- a list\n")
+    assert main(["run", str(bad)]) == 2
+    assert "must hold a mapping" in capsys.readouterr().err
+
+
+def test_a_tp_size_the_model_cannot_take_fails_before_conversion(
+    neva_fixtures: Fixtures, tmp_path: Path
+) -> None:
+    config = pipeline_config(neva_fixtures, tmp_path / "work")
+    config = config.model_copy(update={"model": config.model.model_copy(update={"tp": 3})})
+    state = neva(config, return_state=True)
+    assert state.is_failed() and "model.tp=3 does not fit" in state.message
+    assert not list((tmp_path / "work" / "checkpoints" / "tiny-llama").glob("native-*"))
+    assert not list((tmp_path / "work" / "checkpoints" / "tiny-llama").glob("tokenizer-*"))
 
 
 def test_only_transient_failures_are_retried() -> None:
@@ -127,7 +263,7 @@ def test_source_names() -> None:
 
 
 def test_config_rejects_bad_values(tmp_path: Path) -> None:
-    with pytest.raises(NevaError, match="hf://"):
+    with pytest.raises(ValidationError, match="json_source\n.*hf://"):
         DatasetConfig(json_source="hf://")
     with pytest.raises(ValueError):
         ModelConfig(tp=0)

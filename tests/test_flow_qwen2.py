@@ -29,17 +29,18 @@ def test_flow_extends_a_fast_tokenizer_and_grows_the_vocabulary(neva_fixtures: F
     result = state.result()
 
     model_root = tmp_path / "work" / "checkpoints" / "tiny-qwen2"
-    assert sorted(p.name for p in (model_root / "hf").iterdir() if p.suffix != ".json") == [
-        ".neva-download", "model.safetensors"]
+    (hf_dir,) = model_root.glob("hf-*")
+    assert sorted(p.name for p in hf_dir.iterdir() if p.suffix != ".json") == [".neva-download", "model.safetensors"]
     tokenizer = result["tokenizer"]
-    assert tokenizer["kind"] == "hf-fast" and tokenizer["tokenizer_file"] == str(model_root / "tokenizer" /
-                                                                                 "tokenizer.json")
+    tokenizer_dir = Path(tokenizer["out_dir"])
+    assert tokenizer_dir.parent == model_root and tokenizer_dir.name.startswith("tokenizer-")
+    assert tokenizer["kind"] == "hf-fast" and tokenizer["tokenizer_file"] == str(tokenizer_dir / "tokenizer.json")
     assert (tokenizer["old_vocab_size"], tokenizer["vocab_size"]) == (403, 411)
-    roles = json.loads((model_root / "tokenizer" / "extension.json").read_text())["roles"]
+    roles = json.loads((tokenizer_dir / "extension.json").read_text())["roles"]
     assert roles["image_patch"] == "<extra_id_3>" and tokenizer["added"]["<extra_id_3>"] == 406
 
     native = Path(result["llm"]["path"])
-    assert native == model_root / "native-fp32-tp2"
+    assert native.parent == model_root and native.name.startswith("native-tpn-")
     llm_config, meta = read_native_config(native)
     assert (llm_config.family, meta["tp"], llm_config.vocab_size) == ("qwen2", 2, 411)
     rank0 = load_native_rank(native, 0)

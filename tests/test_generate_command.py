@@ -43,12 +43,8 @@ def image_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def hf_export_tokens(trained: Path, image_file: Path, out: Path) -> list[int]:
-    """transformers' greedy new tokens for QUESTION on the HF LLaVA export, cut before EOS.
-
-    The prompt ids are the training template's (build_generation_prompt): the export's processor encodes
-    the whole prompt string with tokenizer.json, which can split text differently from the sentencepiece
-    model on small vocabularies; the pixels come from the export's own image processor.
-    """
+    """transformers' greedy new tokens for QUESTION on the HF LLaVA export, prompted through the export's
+    own chat template and processor, cut before EOS."""
     from PIL import Image
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
@@ -56,15 +52,16 @@ def hf_export_tokens(trained: Path, image_file: Path, out: Path) -> list[int]:
 
     export_llava(trained, out)
     hf_model = LlavaForConditionalGeneration.from_pretrained(out).eval()
-    image_processor = AutoProcessor.from_pretrained(out).image_processor
-    pixel_values = image_processor(Image.open(image_file).convert("RGB"), return_tensors="pt")["pixel_values"]
+    processor = AutoProcessor.from_pretrained(out)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(images=Image.open(image_file).convert("RGB"), text=prompt, return_tensors="pt")
     tokenizer = load_text_tokenizer(trained / "tokenizer")
-    image_tokens = (64 // 16) ** 2
-    input_ids = torch.tensor([build_generation_prompt("vicuna_v1", QUESTION, tokenizer, image_tokens)])
+    # The export reproduces the training prompt; were it not so, the comparison below would mean little.
+    assert inputs["input_ids"][0].tolist() == build_generation_prompt("vicuna_v1", QUESTION, tokenizer, 16)
     with torch.no_grad():
-        output = hf_model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                   pixel_values=pixel_values, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
-    tokens = output[0, input_ids.shape[1] :].tolist()
+        output = hf_model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
+    tokens = output[0, inputs["input_ids"].shape[1] :].tolist()
     eos = hf_model.generation_config.eos_token_id
     return tokens[: tokens.index(eos)] if eos in tokens else tokens
 

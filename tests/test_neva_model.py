@@ -16,7 +16,12 @@ from neva_core.errors import NevaError
 from neva_core.model.llm import gather_logits
 from neva_core.model.neva import Stage
 from neva_core.model.projector import build_projector, hf_projector_activation, hf_projector_tensors
-from neva_core.model.trained import TrainedModelConfig, load_trained_model, save_trained_model
+from neva_core.model.trained import (
+    TrainedModelConfig,
+    load_trained_model,
+    read_trained_config,
+    save_trained_model,
+)
 from neva_core.model.vision import VisionTower
 from neva_support import mixed_batch, neva_from_hf, tiny_llava
 
@@ -180,8 +185,12 @@ def neva_step(group: Any, trained: str | None = None) -> dict[str, Any]:
             "grads": {name: p.grad for name, p in model.projector.named_parameters()}}
 
 
-def tp2_worker(rank: int, world: int, group: Any, trained: str) -> dict[str, Any]:
-    return {"converted": neva_step(group), "loaded": neva_step(group, trained)}
+def tp2_worker(rank: int, world: int, group: Any, trained: str, saved: str) -> dict[str, Any]:
+    results = {"converted": neva_step(group), "loaded": neva_step(group, trained)}
+    model, settings = load_trained_model(trained, group), read_trained_config(trained)[1]
+    save_trained_model(saved, llm=model.llm, projector=model.projector, vision_dir=Path(trained) / "vision",
+                       tokenizer_dir=Path(trained) / "tokenizer", settings=settings)
+    return results
 
 
 @pytest.fixture(scope="module")
@@ -191,6 +200,7 @@ def trained_tp1(tmp_path_factory: pytest.TempPathFactory) -> Path:
     work = tmp_path_factory.mktemp("neva-trained-tp1")
     model.vision.clip.save_pretrained(work / "vision")
     (work / "tokenizer").mkdir()
+    (work / "tokenizer" / "tokenizer_config.json").write_text("{}")  # not read by these tests
     settings = TrainedModelConfig(family="llama", template="plain", projector_type=model.projector_type,
                                   image_size=model.vision.image_size, patch_size=model.vision.patch_size,
                                   image_token_id=model.image_token_id)
@@ -199,8 +209,14 @@ def trained_tp1(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tp2_results(tmp_path_factory: pytest.TempPathFactory, trained_tp1: Path) -> list[dict[str, Any]]:
-    return run_distributed(tp2_worker, 2, tmp_path_factory.mktemp("neva-tp") / "out", str(trained_tp1))
+def saved_at_tp2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("neva-tp-save") / "model"
+
+
+@pytest.fixture(scope="module")
+def tp2_results(tmp_path_factory: pytest.TempPathFactory, trained_tp1: Path, saved_at_tp2: Path) -> list[dict[str, Any]]:
+    return run_distributed(tp2_worker, 2, tmp_path_factory.mktemp("neva-tp") / "out", str(trained_tp1),
+                           str(saved_at_tp2))
 
 
 @pytest.mark.parametrize("source", ["converted", "loaded"])
@@ -213,3 +229,13 @@ def test_tp2_logits_loss_and_projector_gradients_equal_tp1(tp2_results: list, so
         assert result["tokens"] == reference["tokens"]
         for name, grad in reference["grads"].items():
             torch.testing.assert_close(result["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_a_tp2_model_saves_the_same_trained_folder(tp2_results: list, trained_tp1: Path, saved_at_tp2: Path) -> None:
+    from neva_core.checkpoint.layout import load_native_rank
+
+    assert read_trained_config(saved_at_tp2, deep=True)[1] == read_trained_config(trained_tp1)[1]
+    original, saved = load_native_rank(trained_tp1 / "llm", 0), load_native_rank(saved_at_tp2 / "llm", 0)
+    assert original.keys() == saved.keys()
+    for name, tensor in original.items():
+        assert torch.equal(saved[name], tensor), name

@@ -140,7 +140,7 @@ def rank_results(tmp_path_factory: pytest.TempPathFactory, weights: dict) -> lis
     for tp in TP_SIZES:  # the gqa model as native checkpoints, loaded by NevaLLM.from_rank_file on each rank
         save_native(workdir / "native" / f"tp{tp}", config, tp=tp, dtype="fp32",
                     provenance=Provenance(source={}, original_vocab_size=config.vocab_size),
-                    tensors=iter(weights["gqa"].items()))
+                    tensors=iter(weights["gqa"].items()), wanted={"tp": tp, "dtype": "fp32"})
     return run_distributed(tp_worker, WORLD, workdir / "out", str(workdir / "weights.pt"), str(workdir / "native"))
 
 

@@ -47,7 +47,7 @@ from neva_core.data.image_source import ZipImageSource, ZipReader
 from neva_core.data.images import ImageRejected, check_image
 from neva_core.data.shards import read_shard_manifest, shard_dataset, shard_name, split_of, tar_header
 from neva_core.errors import NevaError
-from neva_core.io import MANIFEST_NAME, is_temp_name
+from neva_core.io import MANIFEST_NAME, is_temp_name, temp_name
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -189,27 +189,21 @@ def test_rerun_with_same_inputs_is_a_no_op(tmp_path):
     assert output_bytes(tmp_path / "out") == before
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"maxcount": 3}, "different params"),
-    ({"val_fraction": 0.5}, "different params"),
-    ({"json": True}, "different json"),
-    ({"images": True}, "different images"),
-])
-def test_rerun_with_other_inputs_or_parameters_is_refused(tmp_path, change, message):
+@pytest.mark.parametrize("change", [{"maxcount": 3}, {"val_fraction": 0.5}, {"json": True}, {"images": True}])
+def test_rerun_with_other_inputs_or_parameters_recomputes(tmp_path, change):
     records, images = valid_dataset(6)
     json_path, zip_path, _ = dataset(tmp_path, records, images)
     out = tmp_path / "out"
-    (out / ".neva-shard").mkdir(parents=True)  # an interrupted run: only its run record exists
     shard_dataset(json_path, zip_path, out, maxcount=4, workers=1)
-    (out / MANIFEST_NAME).unlink()
     if change.pop("json", False):
         write_json(json_path, records[:-1])
     if change.pop("images", False):
         write_zip(zip_path, images | {"extra.jpg": image_bytes(50)})
-    before = output_bytes(out)
-    with pytest.raises(NevaError, match=message):
-        shard_dataset(json_path, zip_path, out, workers=1, **({"maxcount": 4} | change))
-    assert output_bytes(out) == before
+    again = shard_dataset(json_path, zip_path, out, workers=1, **({"maxcount": 4} | change))
+    reference = shard_dataset(json_path, zip_path, tmp_path / "reference", workers=1, **({"maxcount": 4} | change))
+    assert not again.already_complete and again.reused_shards == 0
+    assert output_bytes(out) == output_bytes(tmp_path / "reference")
+    assert again.written == reference.written
 
 
 def test_a_folder_not_written_by_shard_is_refused(tmp_path):
@@ -222,6 +216,15 @@ def test_a_folder_not_written_by_shard_is_refused(tmp_path):
     assert (tmp_path / "out" / "notes.txt").read_text() == "mine"
 
 
+def killed_run_folder(out: Path) -> Path:
+    """Turn a finished shard folder into what a run killed on this host leaves: its temporary folder."""
+    dead_pid = 2**22 + 4321  # above the kernel's pid_max: no such process
+    killed = out.with_name(temp_name(out).name.replace(f"-{os.getpid()}-", f"-{dead_pid}-"))
+    out.rename(killed)
+    (killed / MANIFEST_NAME).unlink()
+    return killed
+
+
 def test_resume_redoes_unrecorded_or_damaged_shards_and_removes_temporaries(tmp_path):
     records, images = valid_dataset(20)
     json_path, zip_path, _ = dataset(tmp_path, records, images)
@@ -229,19 +232,30 @@ def test_resume_redoes_unrecorded_or_damaged_shards_and_removes_temporaries(tmp_
     out = tmp_path / "out"
     shard_dataset(json_path, zip_path, out, maxcount=4, workers=1)
     # What a killed run can leave: no manifest, a tar without its record, a cut tar, temporaries.
-    (out / MANIFEST_NAME).unlink()
-    (out / ".neva-shard" / "train-000001.json").unlink()
-    (out / "train-000002.tar").write_bytes((out / "train-000002.tar").read_bytes()[:1000])
-    (out / ".train-000003.tar.tmp-1-deadbeef").write_bytes(b"partial")
-    (out / ".neva-shard" / ".train-000004.json.tmp-1-deadbeef").write_text("{")
-    (out / ".nv-meta" / ".index.sqlite.tmp-1-deadbeef").write_bytes(b"\0")
-    (out / "train-000004.tar.idx").unlink()  # a tar and record whose index is gone: redone as well
+    killed = killed_run_folder(out)
+    (killed / ".neva-shard" / "train-000001.json").unlink()
+    (killed / "train-000002.tar").write_bytes((killed / "train-000002.tar").read_bytes()[:1000])
+    (killed / ".train-000003.tar.tmp-1-deadbeef").write_bytes(b"partial")
+    (killed / ".neva-shard" / ".train-000004.json.tmp-1-deadbeef").write_text("{")
+    (killed / ".nv-meta" / ".index.sqlite.tmp-1-deadbeef").write_bytes(b"\0")
+    (killed / "train-000004.tar.idx").unlink()  # a tar and record whose index is gone: redone as well
 
     result = shard_dataset(json_path, zip_path, out, maxcount=4, workers=2)
     assert result.reused_shards == 2 and not result.already_complete
     assert output_bytes(out) == output_bytes(tmp_path / "reference")
     assert index_rows(out / ".nv-meta/index.sqlite") == index_rows(tmp_path / "reference/.nv-meta/index.sqlite")
-    assert not [p for p in out.rglob("*") if ".tmp" in p.name]
+    assert not [p for p in tmp_path.rglob("*") if ".tmp" in p.name]
+
+
+def test_a_killed_run_on_other_parameters_is_not_resumed(tmp_path):
+    records, images = valid_dataset(8)
+    json_path, zip_path, _ = dataset(tmp_path, records, images)
+    shard_dataset(json_path, zip_path, tmp_path / "reference", maxcount=3, workers=1)
+    shard_dataset(json_path, zip_path, tmp_path / "out", maxcount=4, workers=1)
+    killed_run_folder(tmp_path / "out")
+    result = shard_dataset(json_path, zip_path, tmp_path / "out", maxcount=3, workers=1)
+    assert result.reused_shards == 0
+    assert output_bytes(tmp_path / "out") == output_bytes(tmp_path / "reference")
 
 
 def test_damaged_shard_after_completion_is_detected_and_rewritten(tmp_path):
@@ -255,7 +269,7 @@ def test_damaged_shard_after_completion_is_detected_and_rewritten(tmp_path):
     with pytest.raises(NevaError, match="has .* bytes, the manifest says"):
         read_shard_manifest(out)
     result = shard_dataset(json_path, zip_path, out, maxcount=4, workers=1)
-    assert result.reused_shards == 1 and output_bytes(out) == good
+    assert result.reused_shards == 0 and output_bytes(out) == good  # rebuilt beside, then swapped in
 
 
 def test_read_shard_manifest_checks_hashes_when_deep(tmp_path):
@@ -288,13 +302,13 @@ def test_sigkill_mid_run_then_rerun_gives_the_uninterrupted_result(tmp_path):
     child = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, start_new_session=True)
     try:
         deadline = time.monotonic() + 60
-        while not list((out / ".neva-shard").glob("train-*.json")) and time.monotonic() < deadline:
+        while not list(tmp_path.glob(".killed.tmp-*/.neva-shard/train-*.json")) and time.monotonic() < deadline:
             time.sleep(0.002)
     finally:
         os.killpg(child.pid, signal.SIGKILL)  # the whole run: parent and workers, like a lost machine
         child.wait()
-    done = len(list((out / ".neva-shard").glob("train-*.json")))
-    assert 0 < done < count // maxcount and not (out / MANIFEST_NAME).exists()
+    done = len(list(tmp_path.glob(".killed.tmp-*/.neva-shard/train-*.json")))
+    assert 0 < done < count // maxcount and not out.exists()
 
     resumed = shard_dataset(json_path, zip_path, out, maxcount=maxcount, workers=2)
     reference = shard_dataset(json_path, zip_path, tmp_path / "reference", maxcount=maxcount, workers=1)
@@ -302,7 +316,7 @@ def test_sigkill_mid_run_then_rerun_gives_the_uninterrupted_result(tmp_path):
     assert (resumed.written, resumed.skipped) == (reference.written, reference.skipped) == (count - 1, 1)
     assert output_bytes(out) == output_bytes(tmp_path / "reference")
     assert index_rows(out / ".nv-meta/index.sqlite") == index_rows(tmp_path / "reference/.nv-meta/index.sqlite")
-    assert not [p for p in out.rglob("*") if ".tmp" in p.name]
+    assert not [p for p in tmp_path.rglob("*") if ".tmp" in p.name]
     assert read_shard_manifest(out, deep=True)["written"] == count - 1
 
 

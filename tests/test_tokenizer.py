@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -184,9 +185,17 @@ def test_bad_source_files_are_clear_errors(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
-def test_folder_from_another_request_is_refused(neva_fixtures: Fixtures, neva_tokenizer: TokenizerExtension) -> None:
-    with pytest.raises(NevaError, match="another source model or with other tokens"):
-        extend_tokenizer(neva_fixtures.tokenizer_model, neva_tokenizer.out_dir, ["<other>"])
+def test_folder_from_another_request_is_rebuilt(neva_fixtures: Fixtures, neva_tokenizer: TokenizerExtension,
+                                               tmp_path: Path) -> None:
+    out = tmp_path / "extended"
+    shutil.copytree(neva_tokenizer.out_dir, out)
+    again = extend_tokenizer(neva_fixtures.tokenizer_model, out, ["<other>"])
+    assert not again.reused and again.added == {"<other>": 384}
+    assert json.loads((out / "extension.json").read_text())["request"]["tokens"] == ["<other>"]
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("user data")
+    with pytest.raises(NevaError, match="not an extended tokenizer"):
+        extend_tokenizer(neva_fixtures.tokenizer_model, tmp_path / "mine")
 
 
 @pytest.mark.parametrize(("options", "reason"), [
@@ -222,7 +231,7 @@ def test_failure_while_writing_leaves_no_output(neva_fixtures: Fixtures, tmp_pat
     monkeypatch.setattr(tokenizer_module, "write_hf_files", fail)
     with pytest.raises(OSError, match="disk full"):
         extend_tokenizer(neva_fixtures.tokenizer_model, tmp_path / "out")
-    assert list(tmp_path.iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir()] == [".out.lock"]  # no output, no temporary
 
 
 def test_extension_records_the_roles_of_its_tokens(neva_fixtures: Fixtures, neva_tokenizer: TokenizerExtension,

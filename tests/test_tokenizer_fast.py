@@ -89,8 +89,11 @@ def test_rerun_and_re_extension_change_nothing(qwen2_dir: Path, qwen2_tokenizer:
     assert again.added == {} and again.already_present == qwen2_tokenizer.added
     for name in ("tokenizer.json", "tokenizer_config.json"):
         assert (again.out_dir / name).read_bytes() == (qwen2_tokenizer.out_dir / name).read_bytes(), name
-    with pytest.raises(NevaError, match="another source model or with other tokens"):
-        extend_tokenizer(qwen2_dir, qwen2_tokenizer.out_dir, ["<image>"])
+    # Other tokens into a folder that holds an extension: rebuilt beside it and swapped in, never refused.
+    other = tmp_path / "other"
+    extend_tokenizer(qwen2_dir, other)
+    rebuilt = extend_tokenizer(qwen2_dir, other, ["<image>"])
+    assert not rebuilt.reused and list(rebuilt.added) == ["<image>"]
 
 
 def test_clashes_are_errors(qwen2_dir: Path, tmp_path: Path) -> None:

@@ -130,6 +130,9 @@ def test_mismatched_parts_are_refused(native_llm, projector, neva_fixtures, neva
         save_trained_model(tmp_path / "y", llm=native_llm, projector=projector, vision_dir=neva_fixtures.vision_dir,
                            tokenizer_dir=neva_tokenizer.out_dir, settings=wrong_projector)
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+    with pytest.raises(NevaError, match="prompt template 'vicuna' is not one of"):
+        TrainedModelConfig(family="llama", template="vicuna", projector_type="linear", image_size=64, patch_size=16,
+                           image_token_id=387)
 
 
 # -- HF LLaVA export ---------------------------------------------------------------------------------
@@ -194,11 +197,14 @@ def test_export_chat_template_gives_the_training_prompt_ids(exported: Path, trai
 # -- import ------------------------------------------------------------------------------------------
 
 
-def test_llava_hf_folder_imports_to_the_same_model(exported: Path, trained: Path, tmp_path: Path) -> None:
+def test_llava_hf_folder_imports_to_the_same_model(trained: Path, tmp_path: Path) -> None:
     from neva_core.cli import main
+    from neva_core.llava import export_llava
 
+    sharded = export_llava(trained, tmp_path / "sharded", max_shard_bytes=100_000)  # read through its index
+    assert len(list(sharded.glob("model-*-of-*.safetensors"))) > 2
     out = tmp_path / "imported"
-    assert main(["import", "--llava-hf", str(exported), "--out", str(out), "--template", "vicuna_v1"]) == 0
+    assert main(["import", "--llava-hf", str(sharded), "--out", str(out), "--template", "vicuna_v1"]) == 0
     original, imported = load_trained_model(trained), load_trained_model(out, deep=True)
     for part in ("llm", "projector", "vision"):
         left, right = getattr(original, part).state_dict(), getattr(imported, part).state_dict()

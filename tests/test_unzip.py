@@ -40,7 +40,7 @@ def make_zip(path: Path, members: dict[str, bytes], compression: int = zipfile.Z
 
 def stray_paths(root: Path, allowed: set[Path]) -> list[Path]:
     """Everything under root except `allowed` and the lock file kept beside each DEST."""
-    return sorted(p for p in root.rglob("*") if p not in allowed and not p.name.endswith(".unzip-lock"))
+    return sorted(p for p in root.rglob("*") if p not in allowed and not p.name.endswith(".lock"))
 
 
 def local_data_offset(raw: bytes, info: zipfile.ZipInfo) -> int:
@@ -279,13 +279,13 @@ def test_fingerprint_follows_listing_not_container(tmp_path: Path) -> None:
     assert zip_fingerprint(make_zip(tmp_path / "c.zip", changed)) != deflated
 
 
-def test_dest_from_another_archive_is_refused(tmp_path: Path, good_zip: Path) -> None:
+def test_dest_from_another_archive_is_replaced_whole(tmp_path: Path, good_zip: Path) -> None:
     dest = tmp_path / "dest"
     unzip(good_zip, dest)
     other = make_zip(tmp_path / "other.zip", {"x.jpg": b"x"})
-    with pytest.raises(NevaError, match="holds an extraction of another archive .*remove it or choose another DEST"):
-        unzip(other, dest)
-    assert not (dest / "x.jpg").exists() and (dest / "00000" / "000000001.jpg").exists()
+    assert not unzip(other, dest).skipped
+    assert (dest / "x.jpg").read_bytes() == b"x" and not (dest / "00000").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".dest.lock", "dest", good_zip.name, "other.zip"]
 
 
 def test_dest_without_record_is_never_merged_into(tmp_path: Path, good_zip: Path) -> None:

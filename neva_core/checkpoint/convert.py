@@ -29,7 +29,7 @@ from neva_core.checkpoint.hf import (
     tensor_recipe,
     to_native,
 )
-from neva_core.checkpoint.layout import NativeCheckpoint, Provenance, reuse_existing, save_native
+from neva_core.checkpoint.layout import NativeCheckpoint, Provenance, save_native
 from neva_core.checkpoint.partition import Split, split_kind, tensor_names
 from neva_core.checkpoint.safetensors_stream import SafetensorsReader, TensorSpec
 from neva_core.errors import NevaError
@@ -182,6 +182,15 @@ def tokenizer_vocab_size(tokenizer: Path) -> int:
     return sentencepiece_vocab_size(path)
 
 
+def check_tensor_parallel(hf_dir: Path, tp: int) -> None:
+    """Refuse, naming every factor, a TP size that the HF checkpoint in `hf_dir` cannot be split into,
+    before any stage spends time on it."""
+    try:
+        llm_config_from_hf(read_hf_config(hf_dir), None, tp)
+    except NevaError as exc:
+        raise NevaError(f"model.tp={tp} does not fit {hf_dir}: {exc}") from exc
+
+
 def sentencepiece_vocab_size(model_file: Path) -> int:
     """The number of pieces of a sentencepiece model (the extended tokenizer's vocabulary)."""
     import sentencepiece
@@ -305,7 +314,7 @@ def convert_hf_checkpoint(
 
     `dtype` (bf16, fp16, fp32) defaults to the checkpoint's own; `vocab_size` or `tokenizer` (a sentencepiece
     model, a tokenizer.json or a folder with either) grows the vocabulary. An identical finished output is
-    reused, a different one is refused.
+    reused; one of other settings or another source is replaced once the new one is complete.
     """
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     hf_config = read_hf_config(hf_dir)
@@ -316,9 +325,6 @@ def convert_hf_checkpoint(
     with HFCheckpointReader(hf_dir) as reader:
         out_dtype = dtype_name(dtype) if dtype is not None else source_dtype(hf_config, reader)
         wanted = {"source.fingerprint": source["fingerprint"], "tp": tp, "dtype": out_dtype, "vocab.real": config.vocab_size}
-        existing = reuse_existing(out_dir, wanted)
-        if existing is not None:
-            return existing
         source_vocab = int(hf_config["vocab_size"])
         check_hf_tensors(reader, config, source_vocab)
         provenance = Provenance(
@@ -335,4 +341,5 @@ def convert_hf_checkpoint(
             dtype=out_dtype,
             provenance=provenance,
             tensors=native_tensors(reader.read, config, DTYPES[out_dtype]),
+            wanted=wanted,
         )

@@ -34,10 +34,9 @@ from neva_core.checkpoint.safetensors_stream import (
 from neva_core.errors import NevaError
 from neva_core.io import (
     MANIFEST_NAME,
-    atomic_dir,
+    commit_output,
     file_entry,
     read_manifest,
-    remove_stale_temps,
     sha256_file,
     verify_files,
     write_json_atomic,
@@ -105,20 +104,25 @@ def save_native(
     dtype: str,
     provenance: Provenance,
     tensors: Iterable[tuple[str, torch.Tensor]],
+    wanted: dict[str, Any],
 ) -> NativeCheckpoint:
-    """Write a native checkpoint from canonical full tensors, given lazily in `tensor_names` order.
+    """Write a native checkpoint from canonical full tensors, given lazily in `tensor_names` order, unless
+    `out_dir` already holds one whose config.json matches `wanted` (see `reuse_existing`).
 
     Each full tensor is split into all `tp` rank files as soon as it arrives and then dropped, so memory
-    holds one tensor and its shards. Everything is written into a temporary folder renamed at the end.
+    holds one tensor and its shards. Everything is written into a temporary folder renamed at the end
+    (`io.commit_output`); a checkpoint of other settings there is replaced only then.
     """
     config = config.with_tp(tp)
-    remove_stale_temps(out_dir.parent, out_dir.name)
-    configure_allocator_for_streaming()
-    with atomic_dir(out_dir) as tmp:
+
+    def build(tmp: Path) -> None:
+        configure_allocator_for_streaming()
         files = _write_rank_files(tmp, config, tp, dtype, tensors)
         write_json_atomic(tmp / CONFIG_NAME, _config_document(config, tp, dtype, provenance, list(files)))
         files[CONFIG_NAME] = file_entry(tmp / CONFIG_NAME)
         write_manifest(tmp, {"format": FORMAT, "format_version": FORMAT_VERSION, "files": files})
+
+    commit_output(out_dir, reuse=lambda found: reuse_existing(found, wanted), build=build)
     return describe_native(out_dir)
 
 
@@ -339,27 +343,27 @@ class NativeReader:
 
 
 def reuse_existing(out_dir: Path, wanted: dict[str, Any]) -> NativeCheckpoint | None:
-    """The checkpoint already at `out_dir` if it was made from the same inputs and settings, else None.
+    """The checkpoint at `out_dir` if it is complete and was made from the same inputs and settings, else
+    None (it is then rebuilt). A folder that is not a native checkpoint at all is an error: never replaced.
 
     `wanted` maps config.json keys (dotted for nested ones, e.g. "source.fingerprint") to values.
-    A different or incomplete checkpoint there is an error: it is never overwritten.
     """
     out_dir = Path(out_dir)
-    if not out_dir.exists():
-        return None
+    if not (out_dir / CONFIG_NAME).is_file() and not (out_dir / MANIFEST_NAME).is_file():
+        raise NevaError(f"{out_dir} already exists and is not a native checkpoint; remove it or choose another "
+                        "output folder")
     try:
         verify_native(out_dir, deep=False)
         _, meta = read_native_config(out_dir)
     except NevaError as exc:
-        raise NevaError(f"{out_dir} already exists but is not a complete native checkpoint ({exc})") from exc
+        log.warning("%s is not a complete native checkpoint (%s); writing it again", out_dir, exc)
+        return None
     differences = [
         f"{key}={_lookup(meta, key)!r} (wanted {value!r})" for key, value in wanted.items() if _lookup(meta, key) != value
     ]
     if differences:
-        raise NevaError(
-            f"{out_dir} already holds a different checkpoint: {'; '.join(differences)}. "
-            f"Delete it or choose another output folder"
-        )
+        log.info("%s holds a different checkpoint: %s", out_dir, "; ".join(differences))
+        return None
     log.info("%s already holds this checkpoint; nothing to do", out_dir)
     return describe_native(out_dir)
 

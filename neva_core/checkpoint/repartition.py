@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from neva_core.checkpoint.layout import NativeCheckpoint, NativeReader, Provenance, reuse_existing, save_native
+from neva_core.checkpoint.layout import NativeCheckpoint, NativeReader, Provenance, save_native
 
 log = logging.getLogger(__name__)
 
@@ -25,9 +25,6 @@ def repartition(in_dir: Path | str, out_dir: Path | str, tp: int) -> NativeCheck
     with NativeReader(in_dir, deep=True) as reader:
         config = reader.config.with_tp(tp)
         parent = {"path": str(in_dir.resolve()), "manifest_sha256": reader.manifest_sha256(), "tp": reader.tp}
-        existing = reuse_existing(out_dir, {"tp": tp, "parent.manifest_sha256": parent["manifest_sha256"]})
-        if existing is not None:
-            return existing
         inherited = reader.provenance
         provenance = Provenance(
             source=inherited.source,
@@ -38,5 +35,6 @@ def repartition(in_dir: Path | str, out_dir: Path | str, tp: int) -> NativeCheck
         )
         log.info("repartitioning %s (tp=%d) -> %s (tp=%d)", in_dir, reader.tp, out_dir, tp)
         return save_native(
-            out_dir, config, tp=tp, dtype=reader.dtype, provenance=provenance, tensors=reader.full_tensors()
+            out_dir, config, tp=tp, dtype=reader.dtype, provenance=provenance, tensors=reader.full_tensors(),
+            wanted={"tp": tp, "parent.manifest_sha256": parent["manifest_sha256"]},
         )

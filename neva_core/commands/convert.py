@@ -15,7 +15,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "Convert a Hugging Face checkpoint folder (LlamaForCausalLM incl. LLaMA-2 and Yi, MistralForCausalLM, "
             "Qwen2ForCausalLM; safetensors or pytorch_model.bin, sharded or not) into a native checkpoint: one "
             "safetensors file per tensor-parallel rank in Megatron-core names, config.json and manifest.json. "
-            "Streams tensor by tensor; memory stays at a few tensors. An identical finished output is reused."
+            "Streams tensor by tensor; memory stays at a few tensors. An identical finished output (same source "
+            "files, by names, sizes and mtimes, and same settings) is reused; one of other settings is rebuilt "
+            "beside it and replaced once complete."
         ),
     )
     p.add_argument("--hf", type=Path, required=True, metavar="DIR", help="the HF model folder (with config.json)")

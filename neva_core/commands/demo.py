@@ -14,7 +14,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="run the neva Prefect flow on synthetic data (offline, CPU)",
         description=(
             "Make the synthetic fixtures (a LLaVA-Pretrain-shaped dataset, a tiny LLaMA, a tiny CLIP and a "
-            "sentencepiece tokenizer) under WORKDIR/fixtures, then run the `neva` Prefect flow on them: "
+            "sentencepiece tokenizer) under WORKDIR/fixtures/seed<S>-images<N>, then run the `neva` Prefect flow on them: "
             "download (local copies), shard, tokenizer extension, convert and repartition. Uses the Prefect API "
             "in PREFECT_API_URL if set, else Prefect's embedded local server. A second run reuses cached stages."
         ),

@@ -18,9 +18,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "webdataset shards (train-000000.tar, ...; val-... with --val-fraction) plus the megatron-energon "
             "metadata (.nv-meta/, *.tar.idx) into OUT. Bad records and images are skipped, never fatal: each "
             f"one is listed in OUT/{SKIPPED_NAME} with its reason. Shard contents depend only on the inputs "
-            "and on --maxcount/--val-fraction/--split-seed, never on --workers. An interrupted run is resumed "
-            "by running the same command again (finished shards are kept); OUT from other inputs or "
-            f"parameters is refused. OUT/{MANIFEST_NAME} is written last."
+            "and on --maxcount/--val-fraction/--split-seed, never on --workers. Shards are written into a "
+            "temporary folder beside OUT, renamed to OUT when complete; an interrupted run is resumed by running "
+            "the same command again (finished shards are kept). An OUT from other inputs or parameters is "
+            "rebuilt beside it and replaced only once complete; a folder this command did not write is refused. "
+            f"OUT/{MANIFEST_NAME} is written last."
         ),
     )
     p.add_argument("--json", type=Path, required=True, metavar="FILE",

@@ -41,8 +41,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "'..', Windows paths, links, devices) and zip bombs are refused. Extraction goes to a temporary "
             "folder beside DEST, which is renamed to DEST only after every entry passed its CRC check, so an "
             f"interrupted run leaves no DEST. DEST/{RECORD_NAME} records the archive it came from: running the "
-            "command again on the same archive does nothing; a DEST from another archive, or one not made by "
-            "this command, is an error (it is never merged into or overwritten)."
+            "command again on the same archive does nothing; a DEST from another archive is extracted again "
+            "beside it and replaced once complete; a DEST not made by this command is an error (it is never "
+            "merged into or overwritten)."
         ),
     )
     p.add_argument("zip", type=Path, metavar="ZIP", help="the zip archive to extract")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import fcntl
 import hashlib
 import json
 import logging
@@ -32,7 +31,7 @@ from typing import IO, Any, NamedTuple
 
 from neva_core.data.image_source import check_entry_separators
 from neva_core.errors import NevaError
-from neva_core.io import atomic_dir, remove_stale_temps, write_json_atomic
+from neva_core.io import commit_output, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -132,19 +131,17 @@ def unzip(
     _check_limits(max_bytes, max_ratio)
     if not dest.name:
         raise NevaError(f"DEST {dest} is a file system root; choose a folder to create")
-    with _dest_lock(dest):
-        remove_stale_temps(dest.parent, dest.name)
-        with _open_zip(zip_path) as archive:
-            fingerprint = _fingerprint(archive.infolist())
-            done = _finished_result(zip_path, dest, fingerprint)
-            if done is not None:
-                log.info("%s already holds %s (%d files); nothing to do", dest, zip_path, done.files)
-                return done
+    with _open_zip(zip_path) as archive:
+        fingerprint = _fingerprint(archive.infolist())
+
+        def extract(tmp: Path) -> UnzipResult:
             plan = _plan(zip_path, archive, max_bytes, max_ratio)
             _check_free_space(zip_path, dest, plan.bytes)
-            _extract(zip_path, archive, plan, dest, fingerprint)
-    log.info("extracted %d files (%s) from %s into %s", plan.files, format_bytes(plan.bytes), zip_path, dest)
-    return UnzipResult(dest=dest, files=plan.files, bytes=plan.bytes, fingerprint=fingerprint)
+            _extract(zip_path, archive, plan, tmp, fingerprint)
+            log.info("extracted %d files (%s) from %s into %s", plan.files, format_bytes(plan.bytes), zip_path, dest)
+            return UnzipResult(dest=dest, files=plan.files, bytes=plan.bytes, fingerprint=fingerprint)
+
+        return commit_output(dest, reuse=lambda found: _finished_result(zip_path, found, fingerprint), build=extract)
 
 
 def format_bytes(count: int) -> str:
@@ -295,28 +292,7 @@ def _check_free_space(zip_path: Path, dest: Path, needed: int) -> None:
 # --- DEST: locking, earlier runs -----------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _dest_lock(dest: Path) -> Iterator[None]:
-    """Serialise unzips into the same DEST (e.g. two pipeline runs), so that temporary folders found
-    beside DEST while holding the lock are certainly left over from a killed run."""
-    lock_path = dest.with_name(f".{dest.name}.unzip-lock")
-    try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        lock = open(lock_path, "a")
-    except OSError as exc:
-        raise NevaError(f"cannot create {lock_path}: {exc.strerror or exc}; check its folder's permissions") from exc
-    with lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.info("waiting for another unzip into %s to finish", dest)
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        yield  # the lock is released when the file closes, also when the process dies
-
-
 def _finished_result(zip_path: Path, dest: Path, fingerprint: str) -> UnzipResult | None:
-    if not dest.exists() and not dest.is_symlink():
-        return None
     record = read_record(dest)
     if record is None:
         raise NevaError(
@@ -324,36 +300,34 @@ def _finished_result(zip_path: Path, dest: Path, fingerprint: str) -> UnzipResul
             "It is never merged into or overwritten; remove it or choose another DEST"
         )
     if record["fingerprint"] != fingerprint:
-        raise NevaError(
-            f"{dest} holds an extraction of another archive ({record.get('zip')}), not of {zip_path}; "
-            "remove it or choose another DEST"
-        )
+        log.info("%s holds an extraction of another archive (%s); extracting %s", dest, record.get("zip"), zip_path)
+        return None
+    log.info("%s already holds %s (%d files); nothing to do", dest, zip_path, record["files"])
     return UnzipResult(dest=dest, files=record["files"], bytes=record["bytes"], fingerprint=fingerprint, skipped=True)
 
 
 # --- extraction ----------------------------------------------------------------------------------
 
 
-def _extract(zip_path: Path, archive: zipfile.ZipFile, plan: _Plan, dest: Path, fingerprint: str) -> None:
+def _extract(zip_path: Path, archive: zipfile.ZipFile, plan: _Plan, tmp: Path, fingerprint: str) -> None:
     zip_stat = zip_path.stat()
     log.info("extracting %d files (%s) from %s", plan.files, format_bytes(plan.bytes), zip_path)
-    with atomic_dir(dest) as tmp:
-        _extract_members(zip_path, archive, plan, tmp)
-        # One system-wide sync instead of an fsync per file: with hundreds of thousands of small files,
-        # per-file fsyncs serialise on the journal and cost minutes. Everything is on disk before the
-        # record (itself fsynced) and the rename make DEST trusted, so a crash before then leaves only
-        # a temporary folder that the next run removes.
-        os.sync()
-        record = {
-            "zip": str(zip_path),
-            "zip_bytes": zip_stat.st_size,
-            "zip_mtime_ns": zip_stat.st_mtime_ns,
-            "fingerprint": fingerprint,
-            "entries": len(plan.members),
-            "files": plan.files,
-            "bytes": plan.bytes,
-        }
-        write_json_atomic(tmp / RECORD_NAME, record)
+    _extract_members(zip_path, archive, plan, tmp)
+    # One system-wide sync instead of an fsync per file: with hundreds of thousands of small files,
+    # per-file fsyncs serialise on the journal and cost minutes. Everything is on disk before the
+    # record (itself fsynced) and the rename make DEST trusted, so a crash before then leaves only
+    # a temporary folder that the next run removes.
+    os.sync()
+    record = {
+        "zip": str(zip_path),
+        "zip_bytes": zip_stat.st_size,
+        "zip_mtime_ns": zip_stat.st_mtime_ns,
+        "fingerprint": fingerprint,
+        "entries": len(plan.members),
+        "files": plan.files,
+        "bytes": plan.bytes,
+    }
+    write_json_atomic(tmp / RECORD_NAME, record)
 
 
 def _extract_members(zip_path: Path, archive: zipfile.ZipFile, plan: _Plan, root: Path) -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import fnmatch
 import hashlib
 import json
@@ -50,7 +49,7 @@ from neva_core.data.download_http import (
 )
 from neva_core.errors import NevaError, TransientError
 from neva_core.fingerprint import folder_fingerprint
-from neva_core.io import MANIFEST_NAME, fsync_dir, write_json_atomic, write_manifest
+from neva_core.io import MANIFEST_NAME, file_lock, fsync_dir, read_manifest, write_json_atomic, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -315,19 +314,6 @@ def _adopt_if_verified(remote: RemoteFile, paths: _StatePaths, recorded_sha: str
     return _write_record(paths, remote, sha)
 
 
-@contextlib.contextmanager
-def _exclusive(lock: Path, subject: str) -> Iterator[None]:
-    """One process at a time per destination file; a second one waits, then finds the file complete."""
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock, "a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.info("%s: another process is downloading it; waiting for it to finish", subject)
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        yield
-
-
 class _Partial:
     """The bytes received so far, with their running hashes and the sidecar that names their version."""
 
@@ -505,7 +491,7 @@ def fetch_file(remote: RemoteFile, dest: Path, policy: RetryPolicy) -> Downloade
     paths = _StatePaths.of(dest, remote.relpath)
     if done := _complete_copy(remote, paths):
         return done
-    with _exclusive(paths.lock, remote.subject):
+    with file_lock(paths.lock, f"{remote.subject} into {paths.final}"):
         if done := _complete_copy(remote, paths):  # another process finished it while we waited
             return done
         return _transfer(remote, paths, policy)
@@ -756,9 +742,20 @@ def _fetch_all(plan: _Plan, dest: Path, policy: RetryPolicy) -> tuple[Downloaded
         if any(f.relpath == MANIFEST_NAME or f.relpath.split("/")[0] == STATE_DIR for f in plan.files):
             raise NevaError(f"the snapshot contains {MANIFEST_NAME} or {STATE_DIR}/, names this stage uses itself; "
                             "leave them out with --include patterns that do not match them")
+        done = [_complete_copy(remote, _StatePaths.of(dest, remote.relpath)) for remote in plan.files]
+        if all(done):
+            return tuple(done)  # type: ignore[arg-type]
         # The folder is complete only once the new manifest is written: withdraw the old one first.
         (dest / MANIFEST_NAME).unlink(missing_ok=True)
     return tuple(fetch_file(remote, dest, policy) for remote in plan.files)
+
+
+def _write_snapshot_manifest(dest: Path, header: dict[str, Any], files: Sequence[DownloadedFile]) -> str:
+    manifest = {"stage": "download", **header, "files": {f.path: {"bytes": f.bytes, "sha256": f.sha256} for f in files}}
+    path = dest / MANIFEST_NAME
+    if not (path.is_file() and _read_json(path) == manifest):  # an unchanged one stays: its readers see no gap
+        write_manifest(dest, manifest)
+    return str(path)
 
 
 def download(source: str, dest: Path | str, *, include: Sequence[str] = (), sha256: str | None = None,
@@ -779,26 +776,82 @@ def download(source: str, dest: Path | str, *, include: Sequence[str] = (), sha2
     with secrets_kept_out_of_logs(secrets), requests.Session() as session:
         context = _Context(token=resolved_token, endpoint=resolve_endpoint(endpoint), policy=policy,
                            redact=Redactor(secrets), session=session)
-        plan = _plan(parsed, include, sha256, context)
+        plan = _offline_plan(parsed, dest, include) if _hub_offline(parsed) else _plan(parsed, include, sha256, context)
         dest.mkdir(parents=True, exist_ok=True)
-        files = _fetch_all(plan, dest, policy)
-    manifest = None
-    if plan.manifest is not None:
-        entries = {f.path: {"bytes": f.bytes, "sha256": f.sha256} for f in files}
-        manifest = str(write_manifest(dest, {"stage": "download", **plan.manifest, "files": entries}))
+        # One run at a time per DEST (two pipeline runs): the second finds the files complete.
+        with file_lock(dest / STATE_DIR / "dest.lock", f"{parsed.display} into {dest}"):
+            files = _fetch_all(plan, dest, policy)
+            manifest = _write_snapshot_manifest(dest, plan.manifest, files) if plan.manifest is not None else None
     revision = parsed.revision if isinstance(parsed, HubSource) else None
     return DownloadResult(source=parsed.display, dest=str(dest), revision=revision, commit=plan.commit,
                           files=files, manifest=manifest)
 
 
-def remote_fingerprint(source: str, token: str | None = None, endpoint: str | None = None) -> str:
+def _hub_offline(source: Source) -> bool:
+    from huggingface_hub import constants
+
+    flag = os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+    return isinstance(source, HubSource) and (flag or constants.HF_HUB_OFFLINE)
+
+
+def _offline_plan(src: HubSource, dest: Path, include: Sequence[str]) -> _Plan:
+    """HF_HUB_OFFLINE: what an earlier run recorded in DEST, at its recorded commit; every file must still
+    be complete (checked against its record), since nothing can be fetched."""
+    files, commit, header = _recorded_download(src, dest, include)
+    remotes = []
+    for relpath, entry in files.items():
+        subject = _hub_subject(src, src.path or relpath)
+
+        def unavailable(offset: int, subject: str = subject) -> ContextManager[RangeResponse]:
+            raise NevaError(f"{subject}: HF_HUB_OFFLINE is set and the copy in {dest} is incomplete or changed; "
+                            "unset HF_HUB_OFFLINE to download it again")
+
+        remotes.append(RemoteFile(relpath=relpath, subject=subject, size=entry["bytes"], sha256=entry["sha256"],
+                                  sha256_origin="the recorded sha256", git_blob_id=None,
+                                  validator=f"sha256:{entry['sha256']}", open_range=unavailable))
+    return _Plan(files=remotes, commit=commit, manifest=header)
+
+
+def _recorded_download(
+    src: HubSource, dest: Path, include: Sequence[str]
+) -> tuple[dict[str, dict[str, Any]], str | None, dict[str, Any] | None]:
+    """The files (path -> bytes, sha256), commit and manifest header an earlier download of `src` left in DEST."""
+    missing = NevaError(f"{_hub_subject(src)}: HF_HUB_OFFLINE is set and {dest} holds no complete download of it "
+                        f"with these include patterns; run once online (or unset HF_HUB_OFFLINE)")
+    if src.path is not None:
+        relpath = PurePosixPath(src.path).name
+        record = _read_json(_StatePaths.of(dest, relpath).record)
+        if record is None or record.get("source") != _hub_subject(src, src.path):
+            raise missing
+        return {relpath: {"bytes": record["bytes"], "sha256": record["sha256"]}}, None, None
+    try:
+        manifest = read_manifest(dest)
+    except NevaError:
+        raise missing from None
+    header = {key: manifest.get(key) for key in ("source", "repo_type", "repo_id", "revision", "commit", "include")}
+    if (manifest.get("stage") != "download" or header["source"] != src.display or header["include"] != list(include)
+            or not header["commit"]):
+        raise missing
+    return manifest["files"], header["commit"], header
+
+
+def remote_fingerprint(source: str, token: str | None = None, endpoint: str | None = None, *,
+                       dest: Path | str | None = None, include: Sequence[str] = ()) -> str:
     """A cheap string that changes when the remote content may have changed (for a task's cache key).
 
-    hf://: the resolved commit; http(s): ETag or Last-Modified and size; local: size and mtime.
+    hf://: the resolved commit (with HF_HUB_OFFLINE set: the one recorded in `dest`, so an offline rerun
+    needs no Hub); http(s): ETag or Last-Modified and size; local: size and mtime.
     """
     parsed = parse_source(source)
     if isinstance(parsed, LocalSource):
         return _local_fingerprint(parsed.path)
+    if _hub_offline(parsed):
+        if dest is None:
+            raise NevaError(f"{parsed.display}: HF_HUB_OFFLINE is set and no earlier download is known")
+        files, commit, _ = _recorded_download(parsed, Path(dest).absolute(), include)
+        if commit is None:  # a single file: its recorded content
+            return f"hf:{parsed.repo_type}:{parsed.repo_id}:sha256:{next(iter(files.values()))['sha256']}"
+        return f"hf:{parsed.repo_type}:{parsed.repo_id}@{commit}"
     resolved_token = resolve_token(token)
     secrets = [resolved_token] + (url_secrets(parsed.url) if isinstance(parsed, UrlSource) else [])
     with secrets_kept_out_of_logs(secrets):

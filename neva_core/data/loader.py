@@ -21,8 +21,8 @@ label left after truncation. Skips are reported with the sample id on the batch 
 `max_skip_fraction` of the samples drawn.
 
 Exact resume: `TrainLoader.state_dict()` (JSON-serialisable, per DP rank) holds energon's state: each
-worker's last internal checkpoint (taken every `checkpoint_every_sec`) plus how many batches to replay
-from it, so a restored loader continues where the saved one stopped without re-reading the epoch.
+worker's last internal checkpoint (by default every 2 x num_workers batches) plus how many batches to
+replay from it, so a restored loader continues where the saved one stopped without re-reading the epoch.
 
 Training repeats epochs forever; `TrainLoader.epoch` counts them as samples drawn by this rank over its
 share of the split. Validation (`ValLoader`) yields the same first `val_batches` batches of the val
@@ -31,10 +31,12 @@ split on every pass (energon's LimitDataset over the repeated, unshuffled split,
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import io
 import json
 import logging
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,12 +47,11 @@ from PIL import Image
 
 from neva_core.data.energon import INDEX_UUID, META_DIR
 from neva_core.data.loader_state import state_from_json, state_to_json
+from neva_core.data.templates import IGNORE_INDEX
 from neva_core.errors import NevaError
 
 log = logging.getLogger(__name__)
 
-# Must equal neva_core.data.templates.IGNORE_INDEX (and the loss's default ignore_index).
-IGNORE_INDEX = -100
 STATE_FORMAT = 1
 _IMAGE_MEMBERS = ("jpg", "png")
 
@@ -131,7 +132,10 @@ class LoaderConfig:
     skip_grace_samples: int = 1000  # so that a few skips among the first samples do not stop a run
     shuffle_buffer_size: int = 100  # samples mixed across slices; Megatron's examples use 100
     max_samples_per_sequence: int = 100  # samples read from one slice before switching to another
-    checkpoint_every_sec: float = 60.0  # how often workers checkpoint; bounds the replay on resume
+    # How often a worker checkpoints its position (at most every 2 x num_workers batches, energon's floor).
+    # A resume replays the batches since the last checkpoint: energon's default of 60 s can mean a minute
+    # of decoding per worker; a checkpoint costs little next to decoding one batch of images.
+    checkpoint_every_sec: float = 0.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "shards", Path(self.shards))
@@ -268,8 +272,8 @@ def read_record(crude: dict[str, Any]) -> RawRecord:
                 image = opened.convert("RGB")
         except (OSError, Image.DecompressionBombError) as exc:  # `neva shard` checked it: the shard is damaged
             raise NevaError(
-                f"sample {key!r}: its image does not decode ({exc}); check the shards with "
-                "`neva shard` (rerun it into a new folder)"
+                f"sample {key!r}: its image does not decode ({exc}), so its shard is damaged; "
+                "rerun `neva shard` into a new folder"
             ) from exc
     return RawRecord(id=key, conversations=record["conversations"], image=image, image_bytes=image_bytes,
                      record=record)
@@ -296,7 +300,9 @@ def _task_encoder(config: LoaderConfig) -> Any:
             # Samples skipped in this worker since its last batch; `batch` hands them on and clears them.
             self.pending_skips: list[SkippedSample] = []
 
-        @stateless
+        # restore_seeds: each sample's RNGs are seeded from its position, so an encoder that draws random
+        # numbers (augmentation) gives the same output when the sample is replayed after a resume.
+        @stateless(restore_seeds=True)
         def encode_sample(self, crude: dict[str, Any]) -> _Fitted:
             raw = read_record(crude)
             try:
@@ -356,6 +362,7 @@ class TrainLoader:
         )
         self.samples_per_epoch = _samples_per_rank(dataset)
         self._loader = get_savable_loader(dataset, checkpoint_every_sec=config.checkpoint_every_sec)
+        _clean_worker_exit(self._loader)
         self._iterator: Iterator[Batch] | None = None
         self.batches = 0
         self.samples_drawn = 0  # trained plus skipped
@@ -379,7 +386,8 @@ class TrainLoader:
         self.skipped += len(batch.skipped)
         for skip in batch.skipped:
             log.warning("skipped sample %r: %s", skip.id, skip.reason)
-        if self.skipped > self.config.max_skip_fraction * max(self.samples_drawn, self.config.skip_grace_samples):
+        limit = self.config.max_skip_fraction * max(self.samples_drawn, self.config.skip_grace_samples)
+        if batch.skipped and self.skipped > limit:
             raise NevaError(
                 f"{self.skipped} of {self.samples_drawn} samples drawn so far were skipped, more than "
                 f"max_skip_fraction {self.config.max_skip_fraction} (last: {batch.skipped[-1].id!r}: "
@@ -387,9 +395,8 @@ class TrainLoader:
             )
 
     def close(self) -> None:
-        """Stop the worker processes now. Leaving it to garbage collection can cost each worker a
-        5-second timeout in torch's shutdown (the index queue may be collected before the None that
-        tells the worker to exit is sent)."""
+        """Stop the worker processes now (left to garbage collection, each worker was measured to wait
+        out torch's 5-second join timeout before being terminated)."""
         if self._iterator is not None:
             self._iterator.close()
         _stop_workers(self._loader)
@@ -453,6 +460,21 @@ def _get(state: Any, key: str) -> Any:
     return state.get(key) if isinstance(state, dict) else None
 
 
+def _clean_worker_exit(loader: torch.utils.data.DataLoader) -> None:
+    """Make the forked workers drop the threading-exit callbacks they inherit from this process.
+
+    Prefect registers some for its log and event services; run at a worker's exit without their threads,
+    they end the worker with status 1, which torch reports as a crashed worker when the loader closes.
+    """
+    if loader.num_workers > 0:
+        loader.worker_init_fn = functools.partial(_init_worker, loader.worker_init_fn)
+
+
+def _init_worker(energon_init: Callable[[int], None], worker_id: int) -> None:
+    threading._threading_atexits.clear()  # type: ignore[attr-defined]  # the list threading._shutdown runs
+    energon_init(worker_id)
+
+
 def _stop_workers(loader: torch.utils.data.DataLoader) -> None:
     workers = getattr(loader, "_iterator", None)  # where torch keeps persistent workers
     if workers is not None and hasattr(workers, "_shutdown_workers"):
@@ -488,6 +510,7 @@ class ValLoader:
                                reset_after_epoch=True, worker_config=worker_config)
         self.val_batches = val_batches
         self._loader = get_loader(dataset)
+        _clean_worker_exit(self._loader)
 
     def __iter__(self) -> Iterator[Batch]:
         return iter(self._loader)

@@ -1,6 +1,6 @@
 """Webdataset shards from a LLaVA-style JSON list and its images (zip or folder): validate, write, resume.
 
-Output folder:
+Output folder (written as a temporary sibling, see `io.commit_output`, renamed when complete):
 
     train-000000.tar ...  val-000000.tar ...     sample = {key}.json (+ {key}.jpg or {key}.png)
     <shard>.tar.idx, .nv-meta/                    megatron-energon metadata (`neva_core.data.energon`)
@@ -18,8 +18,10 @@ on the inputs and parameters, never on the number of workers or on scheduling, a
 
 Resume: a shard counts as done when its completion record exists (for the same batch of records) and
 its tar has the recorded size; the record is written only after the tar is fsynced and renamed, so a
-SIGKILL at any moment costs at most the shards in flight. Rerunning into a folder made from other inputs
-or parameters is refused, and a lock keeps two runs out of one folder.
+SIGKILL at any moment costs at most the shards in flight: the next run adopts the killed run's temporary
+folder (this host's, its writer dead) and keeps what matches its own inputs and parameters. A finished
+folder from other inputs or parameters is rebuilt beside it and then replaced; the output's lock makes a
+second run wait, then reuse the first one's result.
 
 Work split: the parent streams the JSON, validates records (structure, duplicates), assigns splits and
 hands shard-sized batches to a pool of spawned worker processes (at most 2 per worker queued, so memory
@@ -38,6 +40,7 @@ share of the writes) and ~22 us in the parent (JSON parse ~5, validation ~4.5, r
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import hashlib
@@ -64,6 +67,7 @@ from neva_core.errors import NevaError
 from neva_core.io import (
     MANIFEST_NAME,
     atomic_file,
+    commit_output,
     file_entry,
     fsync_dir,
     is_temp_name,
@@ -81,7 +85,6 @@ DEFAULT_VAL_FRACTION = 0.0  # the LLaVA recipes pretrain on every record; opt in
 TRAIN, VAL = "train", "val"
 STATE_DIR = ".neva-shard"
 RUN_RECORD = "run.json"
-LOCK_NAME = "lock"
 SKIPPED_NAME = "skipped.jsonl"
 STAGE = "shard"
 # Bump when what is written for the same inputs changes (the shards, or the completion records a resume
@@ -204,15 +207,21 @@ def shard_dataset(
         raise NevaError(f"--json {json_path} does not exist or is not a file")
     # Without a manifest there is work to do: start the workers now, so that their start-up overlaps the
     # zip index and the first shard's planning. (A folder found complete after all just never uses them.)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NevaError(f"--out {out_dir} is a file; give a folder")
     with _worker_pool(workers, start_now=not (out_dir / MANIFEST_NAME).is_file()) as pool:
         source = open_image_source(images)
         fingerprint = _fingerprint(json_path, source, params)
-        with _locked_output(out_dir, fingerprint):
-            finished = _finished_result(out_dir, fingerprint)
-            if finished is not None:
-                return finished
-            _remove_stale_temporaries(out_dir)
-            return _write_everything(json_path, source, out_dir, params, pool, fingerprint)
+
+        def write(tmp: Path) -> ShardResult:
+            _claim(tmp, fingerprint)
+            _remove_stale_temporaries(tmp)
+            result = _write_everything(json_path, source, tmp, params, pool, fingerprint)
+            return dataclasses.replace(result, out_dir=str(out_dir))
+
+        # A killed run's folder is resumed (`resume`): its finished shards are kept.
+        return commit_output(out_dir, reuse=lambda found: _finished_result(found, fingerprint), build=write,
+                             resume=True)
 
 
 def read_shard_manifest(out_dir: Path | str, *, deep: bool = False) -> dict[str, Any]:
@@ -244,58 +253,43 @@ def _fingerprint(json_path: Path, source: ImageSource, params: ShardParams) -> d
     }
 
 
-@contextlib.contextmanager
-def _locked_output(out_dir: Path, fingerprint: dict[str, Any]) -> Iterator[None]:
-    """Claim `out_dir` for this run: refuse foreign folders, other inputs and concurrent runs."""
-    state = out_dir / STATE_DIR
-    run_record = state / RUN_RECORD
-    if out_dir.exists() and not out_dir.is_dir():
-        raise NevaError(f"--out {out_dir} is a file; give a folder")
-    if out_dir.is_dir() and not run_record.is_file() and _has_foreign_entries(out_dir):
-        raise NevaError(
-            f"--out {out_dir} already holds files that `neva shard` did not write; choose a new or empty folder"
-        )
-    state.mkdir(parents=True, exist_ok=True)
-    with open(state / LOCK_NAME, "a") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise NevaError(f"another `neva shard` run is writing to {out_dir}; wait for it to finish") from None
-        _check_run_record(run_record, fingerprint, out_dir)
-        yield
-
-
-def _has_foreign_entries(out_dir: Path) -> bool:
-    return any(entry.name != STATE_DIR and not is_temp_name(Path(entry.name)) for entry in os.scandir(out_dir))
-
-
-def _check_run_record(run_record: Path, fingerprint: dict[str, Any], out_dir: Path) -> None:
-    if not run_record.is_file():
-        _write_json(run_record, {"fingerprint": fingerprint})
-        return
-    try:
-        previous = json.loads(run_record.read_text())["fingerprint"]
-    except (ValueError, KeyError, TypeError):
-        raise NevaError(f"{run_record} is damaged; delete {out_dir} and run again") from None
+def _claim(folder: Path, fingerprint: dict[str, Any]) -> None:
+    """Make `folder` (empty, or a killed run's) this run's: keep a killed run's work only if it was
+    working from the same inputs and parameters."""
+    run_record = folder / STATE_DIR / RUN_RECORD
+    previous = _read_run_record(run_record)
     if previous != fingerprint:
-        changed = sorted(part for part in fingerprint if previous.get(part) != fingerprint[part])
-        raise NevaError(
-            f"--out {out_dir} was written from different {', '.join(changed)} (compare {run_record}); "
-            "use a new --out folder, or delete this one to start over"
-        )
+        if previous is not None or any(folder.iterdir()):
+            log.info("%s holds a killed run's work on other inputs or parameters; starting over", folder)
+        for entry in list(folder.iterdir()):
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+        _write_json(run_record, {"fingerprint": fingerprint})
+
+
+def _read_run_record(run_record: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(run_record.read_text())["fingerprint"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _finished_result(out_dir: Path, fingerprint: dict[str, Any]) -> ShardResult | None:
-    if not (out_dir / MANIFEST_NAME).is_file():
-        return None
+    """The finished folder's result if it was made from these inputs and parameters; None if from others
+    or damaged (it is rebuilt); an error if `neva shard` did not write it (it is never replaced)."""
+    if not (out_dir / MANIFEST_NAME).is_file() and not (out_dir / STATE_DIR / RUN_RECORD).is_file():
+        if out_dir.is_dir() and not any(out_dir.iterdir()):
+            return None  # an empty folder: nothing to lose
+        raise NevaError(
+            f"--out {out_dir} already holds files that `neva shard` did not write; choose a new or empty folder"
+        )
     try:
         manifest = read_shard_manifest(out_dir)
     except NevaError as exc:
-        log.warning("%s; rewriting what is missing", exc)
-        (out_dir / MANIFEST_NAME).unlink()
+        log.warning("%s; writing the shards again", exc)
         return None
     if manifest.get("fingerprint") != fingerprint:
-        (out_dir / MANIFEST_NAME).unlink()  # same run record but an older manifest: recompute it
+        changed = sorted(part for part in fingerprint if manifest.get("fingerprint", {}).get(part) != fingerprint[part])
+        log.info("%s was written from different %s; writing the shards again", out_dir, ", ".join(changed))
         return None
     log.info("%s is already complete (%d samples); nothing to do", out_dir, manifest["written"])
     return _result(out_dir, manifest, reused_shards=len(manifest["shards"]), already_complete=True)

@@ -21,7 +21,12 @@ from typing import Any
 
 import torch
 
-from neva_core.checkpoint.hf import from_native, llm_config_from_hf, tensor_recipe, to_native
+from neva_core.checkpoint.hf import (
+    from_native,
+    llm_config_from_hf,
+    tensor_recipe,
+    to_native,
+)
 from neva_core.checkpoint.partition import tensor_names
 from neva_core.errors import NevaError
 from neva_core.model.config import LLMConfig
@@ -42,18 +47,40 @@ _PREFIXES = (
 FILE_PREFIXES = {"llm": "language_model.", "vision": "vision_tower.vision_model.", "projector": "multi_modal_projector."}
 
 
-def split_llava_state(state: Mapping[str, torch.Tensor], source: str) -> dict[str, dict[str, torch.Tensor]]:
-    """{"llm": HF causal-LM tensors, "vision": CLIP tensors, "projector": linear_1/linear_2 tensors}."""
-    parts: dict[str, dict[str, torch.Tensor]] = {"llm": {}, "vision": {}, "projector": {}}
-    for name, tensor in state.items():
+class RenamedTensors(Mapping[str, torch.Tensor]):
+    """A read-only view of `state` under new names; a tensor is looked up (read, for a lazy state) only
+    when asked for, so a 7B checkpoint is never held whole."""
+
+    def __init__(self, state: Mapping[str, torch.Tensor], names: Mapping[str, str]) -> None:
+        self._state, self._names = state, dict(names)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._state[self._names[name]]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    @property
+    def source_names(self) -> dict[str, str]:
+        """New name -> name in the underlying state."""
+        return dict(self._names)
+
+
+def split_llava_state(state: Mapping[str, torch.Tensor], source: str) -> dict[str, Mapping[str, torch.Tensor]]:
+    """{"llm": HF causal-LM tensors, "vision": CLIP tensors, "projector": linear_1/linear_2 tensors}, as
+    views of `state` (nothing is read until a tensor is looked up)."""
+    names: dict[str, dict[str, str]] = {"llm": {}, "vision": {}, "projector": {}}
+    for name in state:
         for prefix, part, replacement in _PREFIXES:
             if name.startswith(prefix):
-                parts[part][replacement + name[len(prefix):]] = tensor
+                names[part][replacement + name[len(prefix):]] = name
                 break
         else:
             raise NevaError(f"{source}: tensor {name!r} is not part of an HF LLaVA model")
-    parts["vision"] = vision_tensors(parts["vision"], source)
-    return parts
+    return {part: RenamedTensors(state, part_names) for part, part_names in names.items()}
 
 
 def native_llm_tensors(hf_llm: Mapping[str, torch.Tensor], config: LLMConfig,
@@ -77,13 +104,18 @@ class LlavaParts:
     """An HF LLaVA model's weights sorted into the NeVA model's parts."""
 
     llm_config: LLMConfig
-    llm_tensors: dict[str, torch.Tensor]  # canonical full native tensors
+    llm_hf: Mapping[str, torch.Tensor]  # the LLM's HF causal-LM tensors (a lazy view)
     vision_config: Any  # CLIPVisionConfig
     vision_tensors: dict[str, torch.Tensor]
     projector_type: str
     projector_tensors: dict[str, torch.Tensor]
     image_token_id: int
     vision_select_layer: int
+    source: str
+
+    def llm_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Canonical full native LLM tensors, formed one at a time in canonical order."""
+        return native_llm_tensors(self.llm_hf, self.llm_config, self.source)
 
 
 def llava_parts(state: Mapping[str, torch.Tensor], llava_config: Mapping[str, Any], source: str) -> LlavaParts:
@@ -96,23 +128,20 @@ def llava_parts(state: Mapping[str, torch.Tensor], llava_config: Mapping[str, An
         raise NevaError(f"{source}: vision_feature_select_strategy={strategy!r}, vision_feature_layer={layer!r}; "
                         f"only LLaVA-1.5's 'default' strategy (CLS dropped) with one layer is supported")
     parts = split_llava_state(state, source)
-    text_config = dict(llava_config["text_config"])
-    llm_config = llm_config_from_hf(text_config)
-    llm = parts["llm"]
-    if llm_config.tie_embeddings:
-        llm.pop("lm_head.weight", None)
-    projector_type, projector = projector_from_hf(parts["projector"], llava_config.get("projector_hidden_act", "gelu"),
-                                                  source)
+    llm_config = llm_config_from_hf(dict(llava_config["text_config"]))
+    projector_type, projector = projector_from_hf(dict(parts["projector"]),
+                                                  llava_config.get("projector_hidden_act", "gelu"), source)
     image_token = llava_config.get("image_token_index", llava_config.get("image_token_id"))
     if image_token is None:
         raise NevaError(f"{source}: config.json has no image_token_index")
     return LlavaParts(
         llm_config=llm_config,
-        llm_tensors=dict(native_llm_tensors(llm, llm_config, source)),
+        llm_hf=parts["llm"],
         vision_config=clip_vision_config(llava_config["vision_config"]),
-        vision_tensors=parts["vision"],
+        vision_tensors=vision_tensors(dict(parts["vision"]), source),
         projector_type=projector_type,
         projector_tensors=projector,
         image_token_id=int(image_token),
         vision_select_layer=layer,
+        source=source,
     )

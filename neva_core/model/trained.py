@@ -20,12 +20,13 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from neva_core.checkpoint.hf import DTYPES, dtype_name
@@ -38,7 +39,12 @@ from neva_core.checkpoint.layout import (
     verify_native,
 )
 from neva_core.checkpoint.partition import merge_tensor, split_tensor, tensor_names
-from neva_core.checkpoint.safetensors_stream import SafetensorsReader, StreamingWriter, TensorSpec
+from neva_core.checkpoint.safetensors_stream import (
+    SafetensorsReader,
+    StreamingWriter,
+    TensorSpec,
+)
+from neva_core.data.templates import TEMPLATES
 from neva_core.errors import NevaError
 from neva_core.io import (
     MANIFEST_NAME,
@@ -54,8 +60,17 @@ from neva_core.io import (
 from neva_core.model.config import LLMConfig
 from neva_core.model.llm import NevaLLM
 from neva_core.model.neva import NevaModel
-from neva_core.model.parallel import TPGroup, mark_tensor_parallel_parameters, tp_rank, tp_world_size
-from neva_core.model.projector import PROJECTOR_TYPES, build_projector, projector_type_of
+from neva_core.model.parallel import (
+    TPGroup,
+    mark_tensor_parallel_parameters,
+    tp_rank,
+    tp_world_size,
+)
+from neva_core.model.projector import (
+    PROJECTOR_TYPES,
+    build_projector,
+    projector_type_of,
+)
 from neva_core.model.vision import DEFAULT_SELECT_LAYER, VisionTower, read_vision_config
 
 log = logging.getLogger(__name__)
@@ -81,6 +96,8 @@ class TrainedModelConfig:
     vision_select_layer: int = DEFAULT_SELECT_LAYER
 
     def __post_init__(self) -> None:
+        if self.template not in TEMPLATES:
+            raise NevaError(f"prompt template {self.template!r} is not one of {', '.join(sorted(TEMPLATES))}")
         if self.projector_type not in PROJECTOR_TYPES:
             raise NevaError(f"projector type {self.projector_type!r} is not one of {', '.join(PROJECTOR_TYPES)}")
         if self.image_size <= 0 or self.patch_size <= 0 or self.image_size % self.patch_size:
@@ -174,8 +191,10 @@ def save_trained_model(
     """Write a complete trained-model folder at `out_dir` (which must not exist); return it.
 
     `llm` is a native checkpoint folder (its files are hard-linked, or copied across filesystems) or a
-    NevaLLM in one process (TP=1; its tensors are written as a TP=1 native checkpoint in `dtype`).
-    The vision tower and the tokenizer folders are hard-linked or copied in.
+    NevaLLM, whose tensors are written as a TP=1 native checkpoint in `dtype`. A tensor-parallel NevaLLM
+    needs this call on every rank of its group: each tensor is gathered (one at a time) and TP rank 0
+    writes the folder; the others return once it is complete. The vision tower and the tokenizer
+    folders are hard-linked or copied in.
     """
     out_dir = Path(out_dir)
     vision_dir, tokenizer_dir = Path(vision_dir), Path(tokenizer_dir)
@@ -188,11 +207,17 @@ def save_trained_model(
     state = projector.state_dict() if isinstance(projector, nn.Module) else dict(projector)
     if projector_type_of(state, "the projector") != settings.projector_type:
         raise NevaError(f"the projector given is not a {settings.projector_type} projector")
+    llm_config = llm.config if isinstance(llm, NevaLLM) else read_native_config(Path(llm))[0]
+    if llm_config.family != settings.family:
+        raise NevaError(f"the LLM is a {llm_config.family} model; the model config says {settings.family}")
+    if isinstance(llm, NevaLLM) and tp_rank(llm.tp_group) != 0:
+        for _ in _full_llm_tensors(llm, dtype):  # take part in every gather; rank 0 writes
+            pass
+        dist.barrier(group=llm.tp_group)
+        return out_dir
     remove_stale_temps(out_dir.parent, out_dir.name)
     with atomic_dir(out_dir) as tmp:
-        llm_config = _write_llm(tmp / LLM_DIR, llm, dtype, provenance)
-        if llm_config.family != settings.family:
-            raise NevaError(f"the LLM is a {llm_config.family} model; the model config says {settings.family}")
+        _write_llm(tmp / LLM_DIR, llm, dtype, provenance)
         _write_projector(tmp / PROJECTOR_FILE, state)
         link_or_copy_tree(vision_dir, tmp / VISION_DIR)
         link_or_copy_tree(tokenizer_dir, tmp / TOKENIZER_DIR)
@@ -202,27 +227,34 @@ def save_trained_model(
         write_json_atomic(tmp / MODEL_CONFIG, document)
         files = {str(path.relative_to(tmp)): file_entry(path) for path in sorted(tmp.rglob("*")) if path.is_file()}
         write_manifest(tmp, {"format": FORMAT, "format_version": FORMAT_VERSION, "files": files})
+    if isinstance(llm, NevaLLM) and tp_world_size(llm.tp_group) > 1:
+        dist.barrier(group=llm.tp_group)
     return out_dir
 
 
-def _write_llm(dest: Path, llm: Path | str | NevaLLM, dtype: str, provenance: Mapping[str, Any] | None) -> LLMConfig:
+def _write_llm(dest: Path, llm: Path | str | NevaLLM, dtype: str, provenance: Mapping[str, Any] | None) -> None:
     if isinstance(llm, NevaLLM):
-        if tp_world_size(llm.tp_group) != 1:
-            raise NevaError("save_trained_model takes a NevaLLM only at TP=1; write the rank files with "
-                            "save_native and pass that folder")
-        config = llm.config
-        torch_dtype = DTYPES[dtype_name(dtype)]
-        state = llm.state_dict()
-        tensors = ((name, merge_tensor(name, [state[name].detach().to(torch_dtype)], config))
-                   for name in tensor_names(config))
-        save_native(dest, config, tp=1, dtype=dtype,
-                    provenance=Provenance(source=dict(provenance or {}), original_vocab_size=config.vocab_size),
-                    tensors=tensors)
-        return config
+        save_native(dest, llm.config, tp=1, dtype=dtype,
+                    provenance=Provenance(source=dict(provenance or {}), original_vocab_size=llm.config.vocab_size),
+                    tensors=_full_llm_tensors(llm, dtype), wanted={"tp": 1, "dtype": dtype})
+        return
     source = Path(llm)
     verify_native(source, deep=False)
     link_or_copy_tree(source, dest)
-    return read_native_config(dest)[0]
+
+
+def _full_llm_tensors(llm: NevaLLM, dtype: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """Canonical full tensors of a (possibly tensor-parallel) NevaLLM in `dtype`, gathered one at a time."""
+    torch_dtype = DTYPES[dtype_name(dtype)]
+    state = llm.state_dict()
+    tp = tp_world_size(llm.tp_group)
+    for name in tensor_names(llm.config):
+        local = state[name].detach().to(torch_dtype).contiguous()
+        shards = [local]
+        if tp > 1:
+            shards = [torch.empty_like(local) for _ in range(tp)]
+            dist.all_gather(shards, local, group=llm.tp_group)
+        yield name, merge_tensor(name, shards, llm.config)
 
 
 def _write_projector(path: Path, state: Mapping[str, torch.Tensor]) -> None:
@@ -246,6 +278,7 @@ def link_or_copy_tree(source: Path, dest: Path) -> None:
     """
     if not source.is_dir():
         raise NevaError(f"{source} is not a folder")
+    dest.mkdir(parents=True, exist_ok=True)
     for path in sorted(source.rglob("*")):
         relative = path.relative_to(source)
         if any(is_temp_name(Path(part)) for part in relative.parts) or not path.is_file():

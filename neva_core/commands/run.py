@@ -1,0 +1,66 @@
+"""`neva run CONFIG.yaml`: the `neva` flow with a PipelineConfig read from a YAML file."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from neva_core.errors import NevaError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "run",
+        help="run the neva Prefect flow with the pipeline configuration in a YAML file",
+        description=(
+            "Read CONFIG.yaml (the keys of the flow's PipelineConfig: workdir, dataset.*, model.*, hf_token_secret, "
+            "hf_endpoint, keep_outputs), validate it, and run the `neva` flow with it. Uses the Prefect API in "
+            "PREFECT_API_URL if set, else Prefect's embedded local server. A relative workdir is taken from the "
+            "directory the command runs in. Stages whose inputs and parameters did not change are served from the cache."
+        ),
+    )
+    p.add_argument("config", type=Path, metavar="CONFIG.yaml", help="the pipeline configuration")
+    p.set_defaults(handler=run)
+
+
+def load_pipeline_config(path: Path) -> Any:
+    """The PipelineConfig in the YAML file `path`; a NevaError names the file and each bad key."""
+    import yaml
+    from pydantic import ValidationError
+
+    from neva_core.config import PipelineConfig
+
+    try:
+        with open(path) as stream:
+            document = yaml.safe_load(stream)
+    except OSError as exc:
+        raise NevaError(f"cannot read the pipeline configuration {path}: {exc.strerror or exc}") from exc
+    except yaml.YAMLError as exc:
+        raise NevaError(f"{path} is not valid YAML: {exc}") from exc
+    if document is None:
+        document = {}
+    if not isinstance(document, dict):
+        raise NevaError(f"{path} must hold a mapping of PipelineConfig keys (workdir, dataset, model, ...), "
+                        f"not a {type(document).__name__}")
+    try:
+        return PipelineConfig.model_validate(document)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(part) for part in error['loc']) or '(top level)'}: {error['msg']}"
+                             for error in exc.errors())
+        raise NevaError(f"{path}: {problems}") from None
+    except NevaError as exc:  # a source string the validators refused
+        raise NevaError(f"{path}: {exc}") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    config = load_pipeline_config(args.config)
+    # The embedded Prefect server must not try to send usage analytics (it may run offline).
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from flows.neva import neva
+
+    result = neva(config)
+    print(json.dumps(result, indent=2, default=str))
+    return 0
