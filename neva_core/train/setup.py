@@ -177,7 +177,7 @@ def write_final(config: TrainConfig, inputs: RunInputs, model: NevaModel, mpu: M
                                               original_vocab_size=source_provenance.original_vocab_size,
                                               hf_config=source_provenance.hf_config, history=history,
                                               parent=source_provenance.parent),
-                        tensors=tensors)
+                        tensors=tensors, wanted={"tp": config.tp, "dtype": config.dtype})
             llm_folder = llm_tmp
         else:
             for _ in tensors:  # take part in every gather
