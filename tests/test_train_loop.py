@@ -151,7 +151,8 @@ def test_a_nan_loss_stops_the_run_before_the_update_and_saves_nothing(inputs, tm
     done = run_training(config)
     assert done.returncode == 2, done.stdout[-3000:]
     assert re.search(r"step \d: the loss is (nan|inf)", done.stdout), done.stdout[-3000:]
-    assert all(ckpt.step < int(re.search(r"step (\d): the loss", done.stdout)[1]) for ckpt in committed_checkpoints(config.out))
+    failed_at = int(re.search(r"step (\d): the loss", done.stdout)[1])
+    assert all(ckpt.step < failed_at for ckpt in committed_checkpoints(config.out))
     assert not (config.out / "final").exists()
 
 

@@ -30,7 +30,8 @@ def arm(point: str, step: int) -> None:
         forward = DeepSpeedEngine.forward
 
         def killing_forward(self, *args, **kwargs):
-            if self.module.training and self.global_steps == step - 1 and self.micro_steps % self.gradient_accumulation_steps() == 1:
+            in_step = self.global_steps == step - 1 and self.micro_steps % self.gradient_accumulation_steps() == 1
+            if self.module.training and in_step:
                 kill_everything()
             return forward(self, *args, **kwargs)
 

@@ -112,7 +112,8 @@ def loader_config(config: TrainConfig, inputs: RunInputs, mpu: ModelParallelUnit
                         num_workers=LOADER_WORKERS, seed=config.seed, skip_exceptions=(SampleMismatch,))
 
 
-def build_loaders(config: TrainConfig, inputs: RunInputs, mpu: ModelParallelUnit) -> tuple[TrainLoader, ValLoader | None]:
+def build_loaders(config: TrainConfig, inputs: RunInputs,
+                  mpu: ModelParallelUnit) -> tuple[TrainLoader, ValLoader | None]:
     settings = loader_config(config, inputs, mpu)
     # A validation pass is a few batches: loading them in this process beats starting a worker every pass.
     val = ValLoader(dataclasses.replace(settings, num_workers=0), config.val_batches) if config.val_every else None
