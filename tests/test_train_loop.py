@@ -224,3 +224,27 @@ def test_cli_refuses_a_bad_input_with_exit_2_and_no_traceback(inputs, tmp_path) 
     assert done.returncode == 2, done.stderr
     assert "--global-batch 12 is not micro-batch 16" in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "out").exists() and time.perf_counter() - started < 60
+
+
+def test_cli_passes_sigterm_to_its_workers_which_save_and_leave_no_process(inputs, tmp_path) -> None:
+    import os
+
+    import yaml
+
+    config = base_config(inputs, tmp_path / "out", max_steps=200, save_every=0, val_every=0)
+    preset = tmp_path / "run.yaml"
+    preset.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    process = subprocess.Popen([sys.executable, "-m", "neva_core.cli", "train", "--config", str(preset)], cwd=REPO,
+                               env=worker_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if "step 2 " in line:
+            process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=120) != 0
+    output = "".join(lines)
+    assert "stopped by SIGTERM after saving step" in output, output[-3000:]
+    (saved,) = committed_checkpoints(config.out)
+    assert 2 <= saved.step < 200
+    leftover = subprocess.run(["pgrep", "-f", str(config.out)], capture_output=True, text=True).stdout.split()
+    assert [pid for pid in leftover if int(pid) != os.getpid()] == []

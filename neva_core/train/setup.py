@@ -8,8 +8,10 @@ import dataclasses
 import logging
 import os
 import shutil
+import signal
 import socket
 from collections.abc import Iterator
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,7 @@ from torch import nn
 
 from neva_core.checkpoint.layout import Provenance, read_native_config, save_native
 from neva_core.checkpoint.partition import merge_tensor, tensor_names
-from neva_core.data.loader import LoaderConfig, TemplateEncoder, TrainLoader, ValLoader
+from neva_core.data.loader import EncodedRecord, LoaderConfig, RawRecord, TemplateEncoder, TrainLoader, ValLoader
 from neva_core.data.preprocess import ImageProcessor
 from neva_core.data.templates import SampleMismatch, encode_conversation
 from neva_core.errors import NevaError
@@ -45,6 +47,21 @@ log = logging.getLogger(__name__)
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # Loader worker processes per rank: decoding and templating run there, so the main process only trains.
 LOADER_WORKERS = 1
+
+
+@dataclass(frozen=True)
+class LoaderWorkerEncoder:
+    """The template encoder as the loader's worker processes run it. A scheduler's SIGTERM reaches every
+    process of the job, and torch's loader workers die of it, which would fail the save the trainer is
+    about to make: a worker ignores SIGTERM from its first sample on (the trainer ends it on exit)."""
+
+    encode: TemplateEncoder
+    trainer_pid: int
+
+    def __call__(self, record: RawRecord) -> EncodedRecord:
+        if os.getpid() != self.trainer_pid and signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        return self.encode(record)
 
 
 class TrainingModule(nn.Module):
@@ -103,7 +120,8 @@ def loader_config(config: TrainConfig, inputs: RunInputs, mpu: ModelParallelUnit
     """Batches for this rank's DP group (every TP rank of the group gets the same ones)."""
     tokenizer = inputs.tokenizer
     encode = partial(encode_conversation, config.template, tokenizer=tokenizer, image_tokens=inputs.image_tokens)
-    encoder = TemplateEncoder(encode, ImageProcessor.from_folder(config.vision, aspect=config.image_aspect))
+    encoder = LoaderWorkerEncoder(
+        TemplateEncoder(encode, ImageProcessor.from_folder(config.vision, aspect=config.image_aspect)), os.getpid())
     layout = mpu.layout
     return LoaderConfig(shards=config.shards, encoder=encoder, batch_size=config.micro_batch,
                         max_length=config.max_length, image_token_id=tokenizer.image_token_id,
