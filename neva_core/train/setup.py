@@ -4,6 +4,7 @@ the trained-model folder written at the end. The loop itself (train/loop.py) onl
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import logging
 import os
@@ -135,7 +136,11 @@ def build_loaders(config: TrainConfig, inputs: RunInputs,
     settings = loader_config(config, inputs, mpu)
     # A validation pass is a few batches: loading them in this process beats starting a worker every pass.
     val = ValLoader(dataclasses.replace(settings, num_workers=0), config.val_batches) if config.val_every else None
-    return TrainLoader(settings), val
+    train = TrainLoader(settings)
+    # The workers ignore SIGTERM (LoaderWorkerEncoder), so they must be told to stop on every way out of the
+    # process, a failing run too: before multiprocessing's own exit hook waits for them (hooks run last-in first).
+    atexit.register(train.close)
+    return train, val
 
 
 # --- the trained-model folder at the end --------------------------------------------------------------
