@@ -24,6 +24,7 @@ COMMAND_MODULES = (
     "export",
     "llava_import",
     "generate",
+    "train",
     "demo",
     "eval",
     "run",

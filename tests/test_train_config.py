@@ -42,7 +42,7 @@ def test_presets_carry_the_documents_numbers(parser) -> None:
     pretrain = config_from(parser, [*PATHS, "--config", str(CONFIGS / "llava-1.5-pretrain.yaml")])
     finetune = config_from(parser, [*PATHS, "--config", str(CONFIGS / "llava-1.5-finetune.yaml")])
     assert (pretrain.lr, pretrain.global_batch, pretrain.zero, pretrain.resolved_warmup_steps) == (1e-3, 256, 2, 66)
-    assert (finetune.lr, finetune.global_batch, finetune.zero, finetune.image_aspect) == (2e-5, 128, 3, "pad")
+    assert (finetune.lr, finetune.global_batch, finetune.zero, finetune.image_aspect) == (2e-5, 128, 2, "pad")
     assert pretrain.projector == finetune.projector == "mlp2x_gelu"
 
 

@@ -188,3 +188,31 @@ def launch_environment(env: Mapping[str, str], *, cpu: bool) -> dict[str, str]:
     if cpu:
         launched.setdefault("DS_ACCELERATOR", "cpu")
     return launched
+
+
+def run_launcher(argv: Sequence[str], env: Mapping[str, str]) -> int:
+    """Run the launcher in its own process group and wait for it; returns its exit status.
+
+    The group is ours: SIGTERM and SIGINT are passed on to it (the workers then save within their grace),
+    and any way out of here (an exception, a KeyboardInterrupt, a cancelled Prefect task) kills the whole
+    group, grandchildren included, so no worker outlives the command.
+    """
+    import os
+    import signal
+    import subprocess
+
+    process = subprocess.Popen(list(argv), env=dict(env), start_new_session=True)
+
+    def forward(signum: int, frame: Any) -> None:
+        os.killpg(process.pid, signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return process.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
