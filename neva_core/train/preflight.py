@@ -99,7 +99,7 @@ def _read_vision(folder: Path) -> Any:
 def _read_splits(config: TrainConfig) -> dict[str, int]:
     """Samples per split of the shard folder; refuses an empty train split, and a missing val split when
     validation is asked for."""
-    from neva_core.data.shards import read_shard_manifest
+    from neva_core.data.shard_manifest import read_shard_manifest
 
     if not config.shards.is_dir():
         raise NevaError(f"--shards {config.shards} does not exist; write it with `neva shard`")

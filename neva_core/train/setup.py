@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 from neva_core.checkpoint.layout import Provenance, read_native_config, save_native
-from neva_core.checkpoint.partition import merge_tensor, tensor_names
+from neva_core.model.partition import merge_tensor, tensor_names
 from neva_core.data.loader import EncodedRecord, LoaderConfig, RawRecord, TemplateEncoder, TrainLoader, ValLoader
 from neva_core.data.preprocess import ImageProcessor
 from neva_core.data.templates import SampleMismatch, encode_conversation
