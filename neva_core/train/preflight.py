@@ -7,9 +7,10 @@ config) are what the ranks build the model and the loader from.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from neva_core.checkpoint.layout import read_native_config
 from neva_core.data.text_tokenizer import TextTokenizer, load_text_tokenizer
@@ -18,6 +19,8 @@ from neva_core.model.config import LLMConfig
 from neva_core.model.trained import read_trained_config
 from neva_core.model.vision import read_vision_config
 from neva_core.train.config import TrainConfig
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -70,30 +73,25 @@ def check_inputs(config: TrainConfig) -> RunInputs:
 
 
 def _read_llm(folder: Path) -> tuple[LLMConfig, dict[str, Any]]:
-    if not folder.is_dir():
-        raise NevaError(f"--llm {folder} does not exist; pass the native checkpoint folder `neva convert` wrote")
-    try:
-        return read_native_config(folder)
-    except NevaError as exc:
-        raise NevaError(f"--llm {folder}: {exc}") from None
+    return _read_input("--llm", folder, "the native checkpoint folder `neva convert` wrote", read_native_config)
 
 
 def _read_tokenizer(folder: Path) -> TextTokenizer:
-    if not folder.is_dir():
-        raise NevaError(f"--tokenizer {folder} does not exist; pass the folder `neva tokenizer extend` wrote")
-    try:
-        return load_text_tokenizer(folder)
-    except NevaError as exc:
-        raise NevaError(f"--tokenizer {folder}: {exc}") from None
+    return _read_input("--tokenizer", folder, "the folder `neva tokenizer extend` wrote", load_text_tokenizer)
 
 
 def _read_vision(folder: Path) -> Any:
+    return _read_input("--vision", folder, "a CLIP vision tower folder", read_vision_config)
+
+
+def _read_input(flag: str, folder: Path, expected: str, read: Callable[[Path], T]) -> T:
+    """`read(folder)`, with a missing folder or a reader's error named by the flag that gave it."""
     if not folder.is_dir():
-        raise NevaError(f"--vision {folder} does not exist; pass a CLIP vision tower folder")
+        raise NevaError(f"{flag} {folder} does not exist; pass {expected}")
     try:
-        return read_vision_config(folder)
+        return read(folder)
     except NevaError as exc:
-        raise NevaError(f"--vision {folder}: {exc}") from None
+        raise NevaError(f"{flag} {folder}: {exc}") from None
 
 
 def _read_splits(config: TrainConfig) -> dict[str, int]:
