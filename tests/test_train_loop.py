@@ -130,6 +130,16 @@ def test_sigterm_then_sigkills_at_seeded_points_then_rerun_is_bit_identical(refe
     assert [row["loss"] for row in metrics_rows(killed.out)] == [row["loss"] for row in metrics_rows(config.out)]
 
 
+def test_save_minutes_commits_a_checkpoint_between_save_every_steps(inputs, tmp_path) -> None:
+    # A minute per step: 3 minutes have passed at step 3, the only save before the last (step 4) that is
+    # killed before its commit, so the step-3 checkpoint is the one left; --save-every 0 alone saves only at 4.
+    config = base_config(inputs, tmp_path / "out", max_steps=4, save_every=0, val_every=0, save_minutes=2.5)
+    done = run_training(config, module="train_kill",
+                        extra_env={"NEVA_TEST_STEP_SECONDS": "60", "NEVA_TEST_KILL": "before-commit:4"})
+    assert done.returncode == -signal.SIGKILL, done.stdout[-3000:]
+    assert [ckpt.step for ckpt in committed_checkpoints(config.out)] == [3]
+
+
 def test_a_finished_run_extends_with_a_higher_max_steps(reference, inputs, tmp_path) -> None:
     config, _ = reference
     out = tmp_path / "out"

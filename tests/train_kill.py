@@ -4,6 +4,9 @@
     in-save:S       inside DeepSpeed's save_checkpoint of step S, after its first file is written
     before-commit:S after every file of step S is written and hashed, before the manifest and the rename
 
+NEVA_TEST_STEP_SECONDS=S replaces the --save-minutes clock with one that advances S seconds per optimizer step,
+so that a test sees time-triggered saves without sleeping.
+
 Run as `python -m train_kill CONFIG_JSON` (directly or through torchrun), like neva_core.train.loop.
 """
 
@@ -58,7 +61,23 @@ def arm(point: str, step: int) -> None:
         raise SystemExit(f"unknown kill point {point!r}")
 
 
+def fake_clock(seconds_per_step: float) -> None:
+    steps_done = [0]
+    step = DeepSpeedEngine.step
+
+    def counting_step(self, *args, **kwargs):
+        result = step(self, *args, **kwargs)
+        steps_done[0] = self.global_steps
+        return result
+
+    DeepSpeedEngine.step = counting_step
+    loop.save_clock = lambda: steps_done[0] * seconds_per_step
+
+
 if __name__ == "__main__":
-    point, _, at = os.environ["NEVA_TEST_KILL"].partition(":")
-    arm(point, int(at))
+    if "NEVA_TEST_KILL" in os.environ:
+        point, _, at = os.environ["NEVA_TEST_KILL"].partition(":")
+        arm(point, int(at))
+    if "NEVA_TEST_STEP_SECONDS" in os.environ:
+        fake_clock(float(os.environ["NEVA_TEST_STEP_SECONDS"]))
     sys.exit(loop.main())

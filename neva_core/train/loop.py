@@ -45,6 +45,8 @@ log = logging.getLogger("neva_core.train")
 IGNORE_INDEX = -100
 # torchrun gives its workers 30 s between SIGTERM and SIGKILL; a save must fit in that, or the last stands.
 SIGTERM_GRACE_S = 25
+# The --save-minutes timer: wall time that never steps back (a test replaces it to run without sleeping).
+save_clock = time.monotonic
 EXIT_STOPPED = 128 + signal.SIGTERM
 EXIT_KILLED = 128 + signal.SIGKILL
 
@@ -134,7 +136,7 @@ def train(config: TrainConfig) -> int:
 
     # 4. the steps
     batches = iter(train_loader)
-    last_save_time = interval_start = time.perf_counter()
+    last_save_time, interval_start = save_clock(), time.perf_counter()
     interval = {"samples": 0, "tokens": 0, "flops": 0.0}
     engine.train()
     while step < config.max_steps:
@@ -185,13 +187,14 @@ def train(config: TrainConfig) -> int:
             interval_start = time.perf_counter()
             interval = {"samples": 0, "tokens": 0, "flops": 0.0}
 
-        minutes_due = config.save_minutes is not None and \
-            time.perf_counter() - last_save_time >= config.save_minutes * 60
+        # Rank 0's clock decides, and agreed() hands its decision to every rank: clocks differ between hosts.
+        minutes_due = comm.rank == 0 and config.save_minutes is not None and \
+            save_clock() - last_save_time >= config.save_minutes * 60
         stopping, minutes_due = stop.agreed(minutes_due)
         if (config.save_every and step % config.save_every == 0) or step == config.max_steps or stopping \
                 or minutes_due:
             save(val_loss)
-            last_save_time = time.perf_counter()
+            last_save_time = save_clock()
             if metrics is not None:
                 metrics.plot()
         if stopping:
@@ -293,7 +296,7 @@ class StopRequest:
         signal.alarm(SIGTERM_GRACE_S)
 
     def agreed(self, save_due: bool) -> tuple[bool, bool]:
-        """(any rank asked to stop, any rank's save timer is due): a collective every rank calls after every
+        """(any rank asked to stop, rank 0's save timer is due): a collective every rank calls after every
         step, so that all of them take the same branch."""
         flags = torch.tensor([float(self.requested), float(save_due)])
         if dist.get_world_size() > 1:
