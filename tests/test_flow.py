@@ -25,6 +25,7 @@ from neva_core.data.shard_manifest import read_shard_manifest
 from neva_core.errors import NevaError, TransientError
 from download_support import FakeHub, FakeServer, isolate_hub_client
 from neva_core.fixtures import Fixtures, load_fixtures
+from neva_core.summary import StageOutcome, summary_markdown
 from tasks.caching import retry_transient
 from tasks.data import shard_task
 
@@ -61,12 +62,38 @@ def run_flow(config: PipelineConfig) -> tuple[dict, dict[str, str]]:
     return state.result(), task_states(state.state_details.flow_run_id)
 
 
-def latest_flow_run_states() -> dict[str, str]:
+def latest_flow_run_id() -> object:
     from prefect.client.schemas.sorting import FlowRunSort
 
     with get_client(sync_client=True) as client:
         (latest,) = client.read_flow_runs(sort=FlowRunSort.EXPECTED_START_TIME_DESC, limit=1)
-    return task_states(latest.id)
+    return latest.id
+
+
+def latest_flow_run_states() -> dict[str, str]:
+    return task_states(latest_flow_run_id())
+
+
+def run_summary_of(flow_run_id: object) -> str:
+    """The markdown of a flow run's run-summary artifact, read back from the server."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    (summary,) = [artifact.data for artifact in found if artifact.key == "neva-run-summary"]
+    return summary
+
+
+def without_stages(result: dict) -> dict:
+    """A flow result less its stage summary (whose seconds and statuses differ from run to run)."""
+    return {name: value for name, value in result.items() if name != "stages"}
+
+
+def printed_stages(printed: str) -> list[list[str]]:
+    """The stage lines of a printed summary, split into stage, status, seconds, output."""
+    lines = printed.strip().splitlines()
+    assert lines[0].split() == ["stage", "status", "seconds", "output"] and " stages: " in lines[-1]
+    return [line.split(maxsplit=3) for line in lines[1:-1]]
 
 
 def write_yaml(config: PipelineConfig, path: Path) -> Path:
@@ -80,10 +107,13 @@ def first_run(neva_fixtures: Fixtures, tmp_path_factory: pytest.TempPathFactory)
     root = tmp_path_factory.mktemp("flow")
     config = pipeline_config(neva_fixtures, root / "work")
     with contextlib.redirect_stdout(io.StringIO()) as printed:
-        assert main(["run", str(write_yaml(config, root / "pipeline.yaml"))]) == 0
+        assert main(["run", str(write_yaml(config, root / "pipeline.yaml")), "--json"]) == 0
     result = json.loads(printed.getvalue())
     assert latest_flow_run_states() == {name: "Completed" for name in ("download", "shard", "extend-tokenizer",
                                                                        "convert", "repartition")}
+    stages = [StageOutcome(**stage) for stage in result["stages"]]
+    assert {stage.status for stage in stages} == {"ran"}
+    assert run_summary_of(latest_flow_run_id()) == summary_markdown(stages)
     return config, result
 
 
@@ -106,7 +136,22 @@ def test_second_run_is_served_from_cache(first_run: tuple[PipelineConfig, dict])
     config, result = first_run
     again, states = run_flow(config)
     assert set(states.values()) == {"Cached"}
-    assert again == result
+    assert without_stages(again) == without_stages(result)
+    assert [(stage["stage"], stage["status"]) for stage in again["stages"]] == [
+        (stage["stage"], "cached") for stage in result["stages"]]
+
+
+def test_run_command_prints_the_stage_summary_and_a_cached_run_has_one_too(
+    first_run: tuple[PipelineConfig, dict], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config, result = first_run
+    assert main(["run", str(write_yaml(config, tmp_path / "pipeline.yaml"))]) == 0
+    rows = printed_stages(capsys.readouterr().out)
+    assert [(stage, status, output) for stage, status, _, output in rows] == [
+        (stage["stage"], "cached", stage["output"]) for stage in result["stages"]]
+    summary = run_summary_of(latest_flow_run_id())
+    for stage, status, seconds, output in rows:
+        assert f"| {stage} | {status} | {seconds} | `{output}` |" in summary
 
 
 def test_deleted_output_is_rebuilt_not_trusted(first_run: tuple[PipelineConfig, dict]) -> None:
@@ -201,7 +246,7 @@ def test_offline_rerun_and_a_new_llm_revision(
         monkeypatch.setenv("HF_HUB_OFFLINE", "1")
         requests = len(server.requests)
         offline, states = run_flow(config)
-        assert set(states.values()) == {"Cached"} and offline == online
+        assert set(states.values()) == {"Cached"} and without_stages(offline) == without_stages(online)
         assert len(server.requests) == requests  # the cache keys came from the recorded commit
         monkeypatch.delenv("HF_HUB_OFFLINE")
 
@@ -219,8 +264,11 @@ def test_demo_with_other_images_against_an_existing_demo_folder(
     earlier = tmp_path / "demo" / "fixtures" / "seed0-images64"  # what `neva demo --images 64` left there
     shutil.copytree(neva_fixtures.root, earlier)
     assert main(["demo", "--workdir", str(tmp_path / "demo"), "--images", "16", "--tp", "1"]) == 0
-    result = json.loads(capsys.readouterr().out)
-    assert read_shard_manifest(result["shards"]["out_dir"])["records"] == 16
+    rows = {stage: (status, output) for stage, status, _, output in printed_stages(capsys.readouterr().out)}
+    assert list(rows) == ["download-json", "download-images", "shard", "download-llm", "download-vision",
+                          "extend-tokenizer", "convert"]  # tp 1: nothing to repartition
+    assert {status for status, _ in rows.values()} == {"ran"}
+    assert read_shard_manifest(rows["shard"][1])["records"] == 16
     assert load_fixtures(earlier).pretrain_json.is_file()
 
 

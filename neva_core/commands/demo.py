@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from pathlib import Path
+
+from neva_core.commands.run import add_json_flag, print_run_result
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -16,13 +17,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "Make the synthetic fixtures (a LLaVA-Pretrain-shaped dataset, a tiny LLaMA, a tiny CLIP and a "
             "sentencepiece tokenizer) under WORKDIR/fixtures/seed<S>-images<N>, then run the `neva` Prefect flow on them: "
             "download (local copies), shard, tokenizer extension, convert and repartition. Uses the Prefect API "
-            "in PREFECT_API_URL if set, else Prefect's embedded local server. A second run reuses cached stages."
+            "in PREFECT_API_URL if set, else Prefect's embedded local server. A second run reuses cached stages. "
+            "Ends with a summary of the stages (--json: the whole result)."
         ),
     )
     p.add_argument("--workdir", type=Path, default=Path("demo-run"), help="where everything is written (default: demo-run)")
     p.add_argument("--images", type=int, default=256, help="synthetic pretraining images (default: 256)")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic data and models (default: 0)")
     p.add_argument("--tp", type=int, default=2, help="tensor-parallel size of the final checkpoint (default: 2)")
+    add_json_flag(p)
     p.set_defaults(handler=run)
 
 
@@ -33,6 +36,5 @@ def run(args: argparse.Namespace) -> int:
     from neva_core.demo import demo_config
 
     config = demo_config(args.workdir, images=args.images, seed=args.seed, tp=args.tp)
-    result = neva(config)
-    print(json.dumps(result, indent=2, default=str))
+    print_run_result(neva(config), args.json)
     return 0

@@ -19,11 +19,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "Read CONFIG.yaml (the keys of the flow's PipelineConfig: workdir, dataset.*, model.*, hf_token_secret, "
             "hf_endpoint, keep_outputs), validate it, and run the `neva` flow with it. Uses the Prefect API in "
             "PREFECT_API_URL if set, else Prefect's embedded local server. A relative workdir is taken from the "
-            "directory the command runs in. Stages whose inputs and parameters did not change are served from the cache."
+            "directory the command runs in. Stages whose inputs and parameters did not change are served from the cache. Ends with a "
+            "summary of the stages: ran or cached, seconds, output (--json: the whole result)."
         ),
     )
     p.add_argument("config", type=Path, metavar="CONFIG.yaml", help="the pipeline configuration")
+    add_json_flag(p)
     p.set_defaults(handler=run)
+
+
+def add_json_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true",
+                        help="print the flow's whole result as JSON (for scripts) instead of the stage summary")
+
+
+def print_run_result(result: dict[str, Any], as_json: bool) -> None:
+    """The flow's result as JSON, or the summary of its stages: ran or cached, seconds, output."""
+    from neva_core.summary import StageOutcome, summary_text
+
+    if as_json:
+        print(json.dumps(result, indent=2, default=str))
+    else:
+        print(summary_text([StageOutcome(**stage) for stage in result["stages"]]))
 
 
 def load_pipeline_config(path: Path) -> Any:
@@ -61,6 +78,5 @@ def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from flows.neva import neva
 
-    result = neva(config)
-    print(json.dumps(result, indent=2, default=str))
+    print_run_result(neva(config), args.json)
     return 0
