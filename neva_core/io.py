@@ -373,6 +373,19 @@ def read_manifest(folder: Path | str) -> dict[str, Any]:
         raise NevaError(f"{path} is not valid JSON ({exc}); delete {folder} and run the stage again") from exc
 
 
+def read_own_manifest(folder: Path, what: str, key: str, value: Any) -> dict[str, Any]:
+    """The manifest of an existing output folder that a stage wrote (manifest[key] == value); any other
+    folder is an error, so `commit_output` never replaces what the stage did not write."""
+    refusal = f"{folder} already exists and is not {what}"
+    try:
+        manifest = read_manifest(folder)
+    except NevaError as exc:
+        raise NevaError(f"{refusal} ({exc}); remove it or choose another output folder") from exc
+    if manifest.get(key) != value:
+        raise NevaError(f"{refusal}; remove it or choose another output folder")
+    return manifest
+
+
 def verify_files(folder: Path, files: dict[str, dict[str, Any]], *, check_hash: bool = True) -> None:
     """Check each listed file's size (and hash, of the algorithm each entry names) against a manifest's
     `files` table."""

@@ -36,7 +36,7 @@ from neva_core.io import (
     atomic_file,
     commit_output,
     file_entry,
-    read_manifest,
+    read_own_manifest,
     verify_files,
     write_json_atomic,
     write_manifest,
@@ -259,13 +259,7 @@ def extend_sentencepiece(
 def _reuse_existing(out_dir: Path, source_sha256: str, request: dict[str, Any]) -> TokenizerExtension | None:
     """The extension at `out_dir` if it was made from the same model and request; None if from others or
     damaged (it is then rebuilt); an error if the folder is no extended tokenizer (never replaced)."""
-    try:
-        manifest = read_manifest(out_dir)
-    except NevaError as exc:
-        raise NevaError(f"{out_dir} exists and is not an extended tokenizer ({exc}); "
-                        "remove it or choose another output folder") from exc
-    if manifest.get("stage") != STAGE:
-        raise NevaError(f"{out_dir} exists and is not an extended tokenizer; remove it or choose another output folder")
+    manifest = read_own_manifest(out_dir, "an extended tokenizer", "stage", STAGE)
     try:
         verify_files(out_dir, manifest["files"])
     except NevaError as exc:

@@ -28,7 +28,7 @@ from neva_core.errors import NevaError
 from neva_core.io import (
     commit_output,
     file_entry,
-    read_manifest,
+    read_own_manifest,
     verify_files,
     write_json_atomic,
     write_manifest,
@@ -128,13 +128,7 @@ def write_hf_weights(
 def _finished_export(out_dir: Path, parent_manifest_sha256: str) -> Path | None:
     """`out_dir` if it is a complete export of the same native checkpoint; None if it is an export of
     another one or damaged (it is rebuilt); raise if it is no export at all."""
-    try:
-        manifest = read_manifest(out_dir)
-    except NevaError as exc:
-        raise NevaError(f"{out_dir} already exists and is not a neva export ({exc}); "
-                        "delete it or choose another output folder") from exc
-    if manifest.get("format") != EXPORT_FORMAT:
-        raise NevaError(f"{out_dir} already exists and is not a neva export; delete it or choose another output folder")
+    manifest = read_own_manifest(out_dir, "a neva export", "format", EXPORT_FORMAT)
     if manifest.get("parent", {}).get("manifest_sha256") != parent_manifest_sha256:
         log.info("%s holds an export of another native checkpoint; exporting again", out_dir)
         return None
