@@ -417,6 +417,7 @@ def against_line(small: SyntheticSet, grown: SyntheticSet, store: Any, repeats: 
             reads.append(read_cold(paths, None))
         line.update({
             f"{name}input_mb": round(total / 1e6, 1),
+            f"{name}zip_mb": round(data.zip_path.stat().st_size / 1e6, 1),
             f"{name}zip_index_key_s": round(index_s, 3),
             f"{name}content_md5_cold_s": round(statistics.median(hashes), 3),
             f"{name}read_cold_s": round(statistics.median(reads), 3),
