@@ -448,7 +448,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timings per figure; medians (default 5)")
     parser.add_argument("--cache-dir", type=Path, default=None,
                         help="keep the synthetic set here for later runs (default: a temporary folder)")
-    parser.add_argument("--workdir", type=Path, default=None, help="the demo's folder (default: a temporary one; an existing demo folder makes the first run cached)")
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="the demo's folder (default: a temporary one; an existing demo folder makes the first "
+                             "run cached)")
     args = parser.parse_args()
     scratch = Path(tempfile.mkdtemp(prefix="neva-bench-pipeline-"))
     try:
