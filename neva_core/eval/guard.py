@@ -73,6 +73,11 @@ def read_history(workdir: Path | str) -> list[dict[str, Any]]:
     return records
 
 
+def recorded_run(workdir: Path | str, run_id: str | None) -> dict[str, Any] | None:
+    """Run `run_id`'s line of the history, or None."""
+    return next((r for r in read_history(workdir) if r["run_id"] == run_id), None) if run_id else None
+
+
 def read_promoted(workdir: Path | str) -> dict[str, Any] | None:
     """The promoted model's pointer ({"model", "model_digest", "scores", "run_id", ...}), or None."""
     path = Path(workdir) / PROMOTED
@@ -122,9 +127,10 @@ def record_run(workdir: Path | str, run_id: str, model_dir: Path | str, scores: 
                tolerance: Mapping[str, float] | float = 0.0) -> GuardDecision:
     """Judge a run's scores against the promoted model, append them to the history and promote if due."""
     from neva_core.eval.generate import model_digest
+    from neva_core.model.trained import resolve_trained_folder
 
     workdir = Path(workdir)
-    model = Path(model_dir).resolve()
+    model = resolve_trained_folder(model_dir).resolve()  # a run's OUT is recorded as its final/ folder
     digest = model_digest(model)
     scores = {k: float(v) for k, v in scores.items()}
     with file_lock(lock_path(workdir / HISTORY), "the evaluation history"):
@@ -150,12 +156,13 @@ def record_run(workdir: Path | str, run_id: str, model_dir: Path | str, scores: 
     return decision
 
 
-def evaluate_and_guard(workdir: Path | str, run_id: str, model_dir: Path | str, benchmarks: Mapping[str, Path], *,
-                       tolerance: Mapping[str, float] | float = 0.0, batch: int = 8, limit: int | None = None,
-                       max_new_tokens: int | None = None) -> GuardDecision:
-    """Generate and score each benchmark ({task: folder}) into WORKDIR/eval/<run_id>/, then `record_run`.
+def evaluate_benchmarks(run_dir: Path | str, model_dir: Path | str, benchmarks: Mapping[str, Path], *,
+                        batch: int = 8, limit: int | None = None,
+                        max_new_tokens: int | None = None) -> dict[str, dict[str, Any]]:
+    """Generate and score each benchmark ({task: folder}) into `run_dir`: {task: its scores}.
 
-    Generation resumes from the run folder's prediction files, so a nightly job killed midway is rerun as is.
+    Writes RUN_DIR/<task>.jsonl (the predictions) and RUN_DIR/<task>.scores.json. Generation resumes from
+    the prediction files already there, so a nightly job killed midway is rerun as is.
     """
     from neva_core.eval import score
     from neva_core.eval.benchmarks import scoring_references
@@ -163,15 +170,64 @@ def evaluate_and_guard(workdir: Path | str, run_id: str, model_dir: Path | str, 
 
     if not benchmarks:
         raise NevaError("name at least one benchmark to evaluate ({task: data folder})")
-    run_dir = Path(workdir) / "eval" / run_id
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
     answerer = Answerer(model_dir)
-    scores: dict[str, float] = {}
+    results: dict[str, dict[str, Any]] = {}
     for task, data_dir in sorted(benchmarks.items()):
-        pred = run_dir / f"{task}.jsonl"
-        pred.parent.mkdir(parents=True, exist_ok=True)
+        pred = prediction_path(run_dir, task)
         generate_predictions(model_dir, task, data_dir, pred, batch=batch, limit=limit,
                              max_new_tokens=max_new_tokens, answerer=answerer)
-        result = score(task, pred, **scoring_references(task, Path(data_dir)))
-        write_json_atomic(run_dir / f"{task}.scores.json", result)
+        results[task] = score(task, pred, **scoring_references(task, Path(data_dir)))
+        write_json_atomic(run_dir / f"{task}.scores.json", results[task])
+    return results
+
+
+def prediction_path(run_dir: Path, task: str) -> Path:
+    return Path(run_dir) / f"{task}.jsonl"
+
+
+def run_folder(workdir: Path | str, run_id: str) -> Path:
+    return Path(workdir) / "eval" / run_id
+
+
+def evaluate_and_guard(workdir: Path | str, run_id: str, model_dir: Path | str, benchmarks: Mapping[str, Path], *,
+                       tolerance: Mapping[str, float] | float = 0.0, batch: int = 8, limit: int | None = None,
+                       max_new_tokens: int | None = None) -> GuardDecision:
+    """`evaluate_benchmarks` into WORKDIR/eval/<run_id>/, then `record_run` of the headline scores."""
+    results = evaluate_benchmarks(run_folder(workdir, run_id), model_dir, benchmarks, batch=batch, limit=limit,
+                                  max_new_tokens=max_new_tokens)
+    scores: dict[str, float] = {}
+    for task, result in results.items():
         scores |= headline_scores(task, result)
     return record_run(workdir, run_id, model_dir, scores, tolerance=tolerance)
+
+
+def describe_regression(decision: GuardDecision, workdir: Path | str) -> str:
+    """What a regression is, for the failed run's message: each metric's drop and the model that stays."""
+    baseline = recorded_run(workdir, decision.baseline_run_id)
+    kept_model = baseline["model"] if baseline else "the promoted model"
+    drops = "; ".join(f"{metric} {r['score']:.2f} against {r['baseline']:.2f} (a drop of {r['drop']:.2f} points, "
+                      f"tolerance {r['tolerance']:.2f})" for metric, r in sorted(decision.regressions.items()))
+    return (f"evaluation run {decision.run_id!r}: the model {decision.model} scores below the promoted model of run "
+            f"{decision.baseline_run_id!r} ({kept_model}): {drops}. {kept_model} stays the promoted model; the "
+            f"scores are recorded in {Path(workdir) / HISTORY}")
+
+
+def check_recorded_decision(workdir: Path | str, run_id: str, model_digest: str, scores: Mapping[str, float],
+                            decision: str, tolerance: Mapping[str, float] | float = 0.0) -> None:
+    """NevaError unless run `run_id`'s recorded decision still holds: its history line is there with these
+    scores, and judging them against today's promoted model gives the same decision (a promoted run's model
+    is still the promoted one). A cached evaluation is only reused when this passes."""
+    recorded = recorded_run(workdir, run_id)
+    if recorded is None or recorded["model_digest"] != model_digest or recorded["scores"] != dict(scores):
+        raise NevaError(f"run {run_id!r} is not in {Path(workdir) / HISTORY} with these scores")
+    promoted = read_promoted(workdir)
+    if decision == PROMOTED_DECISION:
+        if promoted is None or promoted["model_digest"] != model_digest:
+            raise NevaError(f"the model of run {run_id!r} is no longer the promoted one")
+        return
+    verdict, _ = judge(scores, None if promoted is None else promoted["scores"], tolerance)
+    if verdict != decision:
+        raise NevaError(f"run {run_id!r} was {decision!r} against the model promoted then; today it would be "
+                        f"{verdict!r}")
