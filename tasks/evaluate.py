@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.context import TaskRunContext
 
@@ -98,8 +98,13 @@ def evaluate_task(model_dir: Path, evaluation: EvaluationConfig, workdir: Path, 
               for name, value in headline_scores(task_name, result).items()}
     decision = record_run(workdir, run_id, model, scores, tolerance=evaluation.tolerance) if evaluation.guard else None
     _publish(run_id, results, benchmarks, run_dir, workdir, decision)
+    logger = get_run_logger()
+    logger.info("scores of %s: %s", model, ", ".join(f"{k} {v:.2f}" for k, v in sorted(scores.items())))
     if decision is not None and decision.is_regression:
         raise NevaError(describe_regression(decision, workdir))
+    if decision is not None:
+        logger.info("%s (judged against run %s); the promoted model: %s", decision.decision, decision.baseline_run_id,
+                    read_promoted(workdir)["model"])
     return {
         "run_id": run_id, "model": str(model), "model_digest": model_digest(model), "workdir": str(workdir),
         "scores": scores, "results": results,

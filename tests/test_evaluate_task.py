@@ -17,6 +17,7 @@ from pydantic import ValidationError
 
 from neva_core.errors import NevaError
 from neva_core.eval.captions import caption_scores
+from neva_core.eval.coco import plain_tokens
 from neva_core.eval.fixtures import make_coco_fixture, make_mmmu_fixture, make_textvqa_fixture
 from neva_core.eval.generate import generate_predictions, model_digest
 from neva_core.eval.guard import HISTORY, check_recorded_decision, read_history, read_promoted, record_run
@@ -233,3 +234,28 @@ def test_caption_scores_of_the_demo() -> None:
     assert perfect["CIDEr"] > scores["CIDEr"]
     with pytest.raises(NevaError, match="one answer per caption"):
         caption_scores(["a"], [])
+
+
+def test_plain_tokens_equal_the_ptb_tokenizer_on_demo_captions(monkeypatch) -> None:
+    """Without Java the demo's captions are tokenised by plain_tokens: same tokens, same scores as PTB's."""
+    pytest.importorskip("pycocoevalcap")
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    from neva_core.eval.fixtures import _CAPTION_FORMS
+    from neva_core.fixtures.images import COLOURS, SHAPES, caption_for
+
+    captions = [caption_for(c, s) for c in COLOURS for s in SHAPES]
+    captions += [form.format(colour=c, shape=s).capitalize() + "." for form in _CAPTION_FORMS
+                 for c in list(COLOURS)[:2] for s in SHAPES[:2]]
+    captions += ["A RED circle...", "a red circle, on grey!", "the  blue square;  drawn: here?", "3.5 shapes", ""]
+    ptb = PTBTokenizer().tokenize({i: [{"caption": c}] for i, c in enumerate(captions)})
+    assert [plain_tokens(c) for c in captions] == [ptb[i][0] for i in range(len(captions))]
+
+    answers = ["a red circle", "A blue square.", "a green star on grey", "a blue circle"]
+    truths = [caption_for(c, s) for c, s in zip(COLOURS, SHAPES)] + ["a red circle"]
+    with_java = caption_scores(answers, truths)
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    without = caption_scores(answers, truths)
+    assert with_java["tokenizer"].startswith("pycocoevalcap") and without["tokenizer"].startswith("plain")
+    assert {k: v for k, v in without.items() if k != "tokenizer"} == \
+        pytest.approx({k: v for k, v in with_java.items() if k != "tokenizer"})
