@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import uuid
 from pathlib import Path
 
@@ -89,8 +90,12 @@ def nights(benchmarks, eval_model, other_model, equal_model, tmp_path_factory) -
     work = tmp_path_factory.mktemp("evaluate-work") / "work"
     plan = [("night-1", other_model), ("night-2", eval_model), ("night-3", eval_model), ("night-4", other_model),
             ("night-5", equal_model)]
+    plan += [("night-6", eval_model), ("night-7", eval_model)]
     runs = {}
     for run_id, model in plan:
+        if run_id == "night-7":  # new benchmark data (a newer file): a new evaluation
+            vqa = benchmarks["textvqa"] / "TextVQA_0.5.1_val.json"
+            os.utime(vqa, ns=(vqa.stat().st_atime_ns, vqa.stat().st_mtime_ns + 1_000_000_000))
         runs[run_id] = run_night(model, evaluation, work, run_id)
         runs[run_id]["promoted_after"] = read_promoted(work)
     return {"work": work, "runs": runs, "evaluation": evaluation}
@@ -166,8 +171,19 @@ def test_equal_model_is_promoted(nights, equal_model, eval_model) -> None:
     assert (equal["state"], equal["result"]["decision"]) == ("Completed", "promoted")
     assert equal["result"]["scores"] == nights["runs"]["night-2"]["result"]["scores"]
     assert equal["promoted_after"]["model"] == str(equal_model.resolve())
-    assert [(r["run_id"], r["decision"]) for r in read_history(nights["work"])] == [
+    assert [(r["run_id"], r["decision"]) for r in read_history(nights["work"])][:4] == [
         ("night-1", "promoted"), ("night-2", "promoted"), ("night-4", "regression"), ("night-5", "promoted")]
+
+
+def test_cache_hit_is_dropped_when_the_decision_is_stale_or_the_data_changed(nights, eval_model) -> None:
+    """night-6: night-2's cached "promoted" no longer holds (the equal copy was promoted since), so it runs
+    and is promoted again; night-7: the same model after the benchmark data changed runs again."""
+    stale, new_data = nights["runs"]["night-6"], nights["runs"]["night-7"]
+    assert (stale["state"], stale["result"]["run_id"], stale["result"]["decision"]) == ("Completed", "night-6",
+                                                                                         "promoted")
+    assert stale["promoted_after"]["model"] == str(eval_model.resolve())
+    assert (new_data["state"], new_data["result"]["run_id"]) == ("Completed", "night-7")
+    assert [r["run_id"] for r in read_history(nights["work"])][4:] == ["night-6", "night-7"]
 
 
 def test_guard_off_scores_without_history(eval_model, tmp_path) -> None:
