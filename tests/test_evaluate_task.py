@@ -104,13 +104,14 @@ def nights(benchmarks, eval_model, other_model, equal_model, tmp_path_factory) -
 def test_better_model_is_promoted_and_artifacts_show_it(nights, eval_model, other_model, benchmarks) -> None:
     first, second = nights["runs"]["night-1"], nights["runs"]["night-2"]
     assert (first["state"], first["result"]["decision"]) == ("Completed", "promoted")
-    assert first["promoted_after"]["model"] == str(other_model.resolve())
+    assert first["promoted_after"]["source"] == str(other_model.resolve())
     assert (second["state"], second["result"]["decision"]) == ("Completed", "promoted")
     assert second["result"]["baseline_run_id"] == "night-1"
     assert second["result"]["scores"]["textvqa/accuracy"] == 100.0
     assert second["result"]["scores"]["textvqa/accuracy"] > first["result"]["scores"]["textvqa/accuracy"]
-    assert second["promoted_after"]["model"] == str(eval_model.resolve())
+    assert second["promoted_after"]["source"] == str(eval_model.resolve())
     assert second["promoted_after"]["model_digest"] == model_digest(eval_model)
+    assert model_digest(Path(second["promoted_after"]["model"])) == model_digest(eval_model)  # its own copy
 
     artifacts = artifacts_of(second["flow_run_id"])
     assert set(artifacts) == {"evaluation-scores", "evaluation-samples", "promoted-model"}
@@ -153,9 +154,9 @@ def test_worse_model_fails_the_task_and_the_previous_model_stays(nights, eval_mo
     message = str(worse["result"])
     drop = 100.0 - nights["runs"]["night-1"]["result"]["scores"]["textvqa/accuracy"]
     assert "textvqa/accuracy" in message and "night-2" in message and f"a drop of {drop:.2f} points" in message
-    assert f"{eval_model.resolve()} stays the promoted model" in message
+    assert f"(from {eval_model.resolve()}) stays the promoted model" in message
     assert worse["promoted_after"]["run_id"] == "night-2"
-    assert worse["promoted_after"]["model"] == str(eval_model.resolve())
+    assert worse["promoted_after"]["source"] == str(eval_model.resolve())
     recorded = read_history(nights["work"])[2]
     assert (recorded["run_id"], recorded["decision"], recorded["baseline_run_id"]) == ("night-4", "regression",
                                                                                       "night-2")
@@ -170,7 +171,7 @@ def test_equal_model_is_promoted(nights, equal_model, eval_model) -> None:
     assert model_digest(equal_model) != model_digest(eval_model)
     assert (equal["state"], equal["result"]["decision"]) == ("Completed", "promoted")
     assert equal["result"]["scores"] == nights["runs"]["night-2"]["result"]["scores"]
-    assert equal["promoted_after"]["model"] == str(equal_model.resolve())
+    assert equal["promoted_after"]["source"] == str(equal_model.resolve())
     assert [(r["run_id"], r["decision"]) for r in read_history(nights["work"])][:4] == [
         ("night-1", "promoted"), ("night-2", "promoted"), ("night-4", "regression"), ("night-5", "promoted")]
 
@@ -181,7 +182,7 @@ def test_cache_hit_is_dropped_when_the_decision_is_stale_or_the_data_changed(nig
     stale, new_data = nights["runs"]["night-6"], nights["runs"]["night-7"]
     assert (stale["state"], stale["result"]["run_id"], stale["result"]["decision"]) == ("Completed", "night-6",
                                                                                          "promoted")
-    assert stale["promoted_after"]["model"] == str(eval_model.resolve())
+    assert stale["promoted_after"]["source"] == str(eval_model.resolve())
     assert (new_data["state"], new_data["result"]["run_id"]) == ("Completed", "night-7")
     assert [r["run_id"] for r in read_history(nights["work"])][4:] == ["night-6", "night-7"]
 

@@ -4,6 +4,8 @@ is promoted only when it is no worse than the promoted one.
     WORKDIR/eval/history.jsonl     one line per run: model, scores, the baseline it was judged against, the
                                    regressions found and the decision (rewritten atomically, under a lock)
     WORKDIR/promoted/model.json    the promoted model: its folder, digest, scores and run (replaced atomically)
+    WORKDIR/promoted/model-<digest>/  the promoted model's own hard-linked copy ("model" in model.json; the
+                                   folder it was evaluated in is "source"), safe from the pruning of old runs
     WORKDIR/eval/<run_id>/         the run's prediction files, when `evaluate_and_guard` generated them
 
 A run is judged against the promoted model's scores, not the last run's, so a slow slide of small drops
@@ -25,10 +27,11 @@ from pathlib import Path
 from typing import Any
 
 from neva_core.errors import NevaError
-from neva_core.io import atomic_file, file_lock, lock_path, write_json_atomic
+from neva_core.io import atomic_file, commit_output, file_lock, lock_path, prune_outputs, write_json_atomic
 
 HISTORY = Path("eval") / "history.jsonl"
 PROMOTED = Path("promoted") / "model.json"
+PROMOTED_COPY = "promoted/model-{}"  # + the digest's first 12 hex digits: an output name prune_outputs knows
 HEADLINE_METRICS = {"coco": ("CIDEr", "BLEU-4", "ROUGE-L"), "mmmu": ("accuracy",), "textvqa": ("accuracy",)}
 REGRESSION, PROMOTED_DECISION, KEPT = "regression", "promoted", "kept"
 
@@ -150,10 +153,28 @@ def record_run(workdir: Path | str, run_id: str, model_dir: Path | str, scores: 
             with atomic_file(workdir / HISTORY, "w") as f:
                 f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in [*history, asdict(decision)])
         if decision.decision == PROMOTED_DECISION and (read_promoted(workdir) or {}).get("run_id") != run_id:
-            write_json_atomic(workdir / PROMOTED, {"run_id": run_id, "model": decision.model,
+            kept = _keep_promoted_copy(workdir, model, digest)
+            write_json_atomic(workdir / PROMOTED, {"run_id": run_id, "model": str(kept), "source": decision.model,
                                                    "model_digest": digest, "scores": scores,
                                                    "promoted_at": time.time()})
+            prune_outputs(kept, keep=1)  # the copy of the model promoted before
     return decision
+
+
+def _keep_promoted_copy(workdir: Path, model: Path, digest: str) -> Path:
+    """WORKDIR/promoted/model-<digest>/: the promoted model's files hard-linked (copied across filesystems),
+    so pruning old training runs never deletes the promoted model."""
+    from neva_core.eval.generate import model_digest
+    from neva_core.model.trained import link_or_copy_tree
+
+    def same_model(folder: Path) -> Path | None:
+        return folder if model_digest(folder) == digest else None
+
+    def build(tmp: Path) -> Path:
+        link_or_copy_tree(model, tmp)
+        return workdir / PROMOTED_COPY.format(digest[:12])
+
+    return commit_output(workdir / PROMOTED_COPY.format(digest[:12]), reuse=same_model, build=build)
 
 
 def evaluate_benchmarks(run_dir: Path | str, model_dir: Path | str, benchmarks: Mapping[str, Path], *,
@@ -205,13 +226,14 @@ def evaluate_and_guard(workdir: Path | str, run_id: str, model_dir: Path | str, 
 
 def describe_regression(decision: GuardDecision, workdir: Path | str) -> str:
     """What a regression is, for the failed run's message: each metric's drop and the model that stays."""
-    baseline = recorded_run(workdir, decision.baseline_run_id)
-    kept_model = baseline["model"] if baseline else "the promoted model"
+    promoted = read_promoted(workdir) or {}
+    kept_model = promoted.get("model", "the promoted model")
     drops = "; ".join(f"{metric} {r['score']:.2f} against {r['baseline']:.2f} (a drop of {r['drop']:.2f} points, "
                       f"tolerance {r['tolerance']:.2f})" for metric, r in sorted(decision.regressions.items()))
+    source = f" (from {promoted['source']})" if promoted.get("source") else ""
     return (f"evaluation run {decision.run_id!r}: the model {decision.model} scores below the promoted model of run "
-            f"{decision.baseline_run_id!r} ({kept_model}): {drops}. {kept_model} stays the promoted model; the "
-            f"scores are recorded in {Path(workdir) / HISTORY}")
+            f"{decision.baseline_run_id!r}: {drops}. {kept_model}{source} stays the promoted model; the scores are "
+            f"recorded in {Path(workdir) / HISTORY}")
 
 
 def check_recorded_decision(workdir: Path | str, run_id: str, model_digest: str, scores: Mapping[str, float],

@@ -59,7 +59,8 @@ def samples_markdown(benchmarks: Mapping[str, Path], run_dir: Path, shown: int, 
 
 def promoted_markdown(pointer: Mapping[str, Any]) -> str:
     lines = [f"# Promoted model (run {pointer['run_id']})", "", f"- folder: `{pointer['model']}`",
-             f"- digest: `{pointer['model_digest']}`", "", "| metric | score |", "|---|---|"]
+             f"- evaluated in: `{pointer.get('source', pointer['model'])}`", f"- digest: `{pointer['model_digest']}`",
+             "", "| metric | score |", "|---|---|"]
     lines += [f"| {metric} | {value:.2f} |" for metric, value in sorted(pointer["scores"].items())]
     return "\n".join(lines) + "\n"
 
