@@ -233,10 +233,13 @@ def test_evaluation_config_is_strict(tmp_path) -> None:
         EvaluationConfig(benchmarks={"mmmu": tmp_path}, tolerance={"textvqa/accuracy": 1.0})
 
 
-def test_missing_benchmark_folder_is_named(eval_model, tmp_path) -> None:
+def test_missing_benchmark_folder_and_bad_run_id_are_named(eval_model, tmp_path) -> None:
     evaluation = EvaluationConfig(benchmarks={"textvqa": tmp_path / "nowhere"})
     with pytest.raises(NevaError, match="evaluation.benchmarks.textvqa: .*nowhere is not a folder"):
         evaluate_task.fn(eval_model, evaluation, tmp_path / "work", "x")
+    with pytest.raises(NevaError, match="run id '../x' must be letters"):
+        evaluate_task.fn(eval_model, evaluation.model_copy(update={"benchmarks": {"textvqa": tmp_path}}),
+                         tmp_path / "work", "../x")
 
 
 def test_caption_scores_of_the_demo() -> None:

@@ -20,6 +20,7 @@ decision (and completes the promotion if a crash came between the history and th
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -209,6 +210,10 @@ def prediction_path(run_dir: Path, task: str) -> Path:
 
 
 def run_folder(workdir: Path | str, run_id: str) -> Path:
+    """WORKDIR/eval/<run_id>/, for a run id that is one plain folder name (a flow run's id or name)."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", run_id):
+        raise NevaError(f"run id {run_id!r} must be letters, digits, '.', '_' or '-' (it names a folder under "
+                        f"{Path(workdir) / 'eval'})")
     return Path(workdir) / "eval" / run_id
 
 
