@@ -19,6 +19,8 @@ atexit.register(functools.partial(shutil.rmtree, os.environ["PREFECT_HOME"], ign
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+# The embedded server's 20-s start-up limit is missed when the shared cores are busy.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 import pytest  # noqa: E402
 

@@ -13,8 +13,10 @@ from neva_core.model.projector import build_projector
 from neva_core.model.trained import TrainedModelConfig, save_trained_model
 
 
-def build_trained_model(out: Path, native_llm: Path, neva_fixtures, neva_tokenizer, projector_seed: int) -> Path:
-    """A trained-model folder from the fixture LLM and CLIP with a random projector (no training)."""
+def build_trained_model(out: Path, native_llm: Path, neva_fixtures, neva_tokenizer, projector_seed: int,
+                        stage: str = "test, untrained") -> Path:
+    """A trained-model folder from the fixture LLM and CLIP with a random projector (no training); `stage`
+    goes into its provenance, so two folders of the same weights can differ in identity."""
     settings = TrainedModelConfig(family="llama", template="vicuna_v1", projector_type="mlp2x_gelu", image_size=64,
                                   patch_size=16, image_token_id=neva_tokenizer.added["<extra_id_3>"])
     with torch.random.fork_rng(devices=[]):
@@ -22,7 +24,7 @@ def build_trained_model(out: Path, native_llm: Path, neva_fixtures, neva_tokeniz
         projector = build_projector("mlp2x_gelu", 64, 64)
     return save_trained_model(out, llm=native_llm, projector=projector, vision_dir=neva_fixtures.vision_dir,
                               tokenizer_dir=neva_tokenizer.out_dir, settings=settings,
-                              provenance={"stage": "test, untrained", "projector_seed": projector_seed})
+                              provenance={"stage": stage, "projector_seed": projector_seed})
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -50,12 +51,16 @@ def test_fed_scores_history_and_promotion(eval_model, other_model, tmp_path) -> 
     worse = record_run(work, "night-2", other_model, {"coco/CIDEr": 85.0}, tolerance=1.0)
     assert worse.is_regression and worse.baseline_run_id == "night-1"
     promoted = read_promoted(work)
-    assert promoted["run_id"] == "night-1" and promoted["model"] == str(eval_model.resolve())
+    assert promoted["run_id"] == "night-1" and promoted["source"] == str(eval_model.resolve())
     assert promoted["model_digest"] == model_digest(eval_model) and promoted["scores"] == {"coco/CIDEr": 90.0}
     slight = record_run(work, "night-3", other_model, {"coco/CIDEr": 89.5}, tolerance=1.0)
     assert slight.decision == "kept" and read_promoted(work)["run_id"] == "night-1"
     better = record_run(work, "night-4", other_model, {"coco/CIDEr": 90.0}, tolerance=1.0)
-    assert better.decision == "promoted" and read_promoted(work)["model"] == str(other_model.resolve())
+    assert better.decision == "promoted" and read_promoted(work)["source"] == str(other_model.resolve())
+    kept = Path(read_promoted(work)["model"])  # the promoted model's own copy, safe from pruning of old runs
+    assert kept.parent == work / "promoted" and model_digest(kept) == model_digest(other_model)
+    assert (kept / "manifest.json").stat().st_ino == (other_model / "manifest.json").stat().st_ino  # hard links
+    assert sorted(p.name for p in kept.parent.iterdir() if p.is_dir()) == [kept.name]  # the previous copy is gone
     history = read_history(work)
     assert [(r["run_id"], r["decision"]) for r in history] == [
         ("night-1", "promoted"), ("night-2", "regression"), ("night-3", "kept"), ("night-4", "promoted")]
@@ -94,5 +99,5 @@ def test_end_to_end_worse_model_is_not_promoted(eval_model, other_model, tmp_pat
                                                          "textvqa").records]
     assert bad_answers != list(answers.values())  # the two models' generations differ
     assert bad.is_regression and bad.scores["textvqa/accuracy"] < 99.0
-    assert read_promoted(work)["model"] == str(eval_model.resolve())
+    assert read_promoted(work)["source"] == str(eval_model.resolve())
     assert json.loads((work / "eval" / "night-2" / "textvqa.scores.json").read_text())["samples"] == 6

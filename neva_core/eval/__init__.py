@@ -9,6 +9,9 @@
     fixtures.py     small offline benchmarks in those layouts, made of the fixtures' shape images
     generate.py     a trained model's batched greedy answers over a benchmark, resumable (`neva eval generate`)
     guard.py        the nightly regression guard: score history and the promoted model
+    settings.py     EvaluationConfig: the flow's evaluation stage (benchmarks, limit, decoding, tolerance, guard)
+    report.py       the evaluation's artifacts: scores table, samples beside their references, promoted model
+    captions.py     scores of captions in memory (the demo's held-out answers): accuracy, CIDEr, BLEU, ROUGE-L
 """
 
 from __future__ import annotations

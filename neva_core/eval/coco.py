@@ -12,6 +12,7 @@ The two sides are tokenised in one Java run instead of two: the tokenizer works 
 from __future__ import annotations
 
 import shutil
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,8 @@ from neva_core.eval.predictions import Predictions, expect_type, read_prediction
 from neva_core.io import read_json
 
 _GT, _PRED = "gt", "pred"
+PTB_TOKENIZER = "pycocoevalcap PTBTokenizer (Stanford CoreNLP 3.4.1, Java)"
+_PLAIN_PUNCTUATION = ".,!?;:"  # among the tokens pycocoevalcap's tokenizer drops
 
 
 @dataclass(frozen=True)
@@ -61,10 +64,40 @@ def score_coco(pred_path: Path, gt_path: Path) -> dict[str, Any]:
     for image_id in scored:
         if not references.get(image_id):
             raise NevaError(f"{gt_path}: image {image_id} has no reference caption; it cannot be scored")
-    gts, res = _tokenize({i: references[i] for i in scored}, {i: [captions[i]] for i in scored})
-    return {"task": "coco", **_corpus_scores(gts, res), "images_scored": len(scored),
-            "duplicates_ignored": predictions.duplicates_ignored,
-            "tokenizer": "pycocoevalcap PTBTokenizer (Stanford CoreNLP 3.4.1, Java)"}
+    return {"task": "coco", **score_captions({i: captions[i] for i in scored}, {i: references[i] for i in scored}),
+            "images_scored": len(scored), "duplicates_ignored": predictions.duplicates_ignored,
+            "tokenizer": PTB_TOKENIZER}
+
+
+def score_captions(captions: Mapping[Hashable, str], references: Mapping[Hashable, list[str]],
+                   tokenizer: str = "ptb") -> dict[str, float]:
+    """CIDEr, BLEU-1..4 and ROUGE-L (x100) of cleaned captions (already `clean_caption`ed) against their
+    images' references, as COCOEvalCap computes them; both mappings are keyed by image.
+
+    tokenizer "ptb": pycocoevalcap's PTB tokenizer (Java); "plain": `plain_tokens`, which needs no Java and
+    gives the PTB tokenizer's tokens on captions of words, spaces and the punctuation it drops.
+    """
+    if set(captions) != set(references) or not captions:
+        raise NevaError(f"captions for {len(captions)} images and references for {len(references)} images: "
+                        "give both for the same, non-empty set of images")
+    if not all(references[i] for i in captions):
+        raise NevaError("every image needs at least one reference caption to be scored")
+    gts = {i: list(references[i]) for i in captions}
+    res = {i: [captions[i]] for i in captions}
+    if tokenizer == "ptb":
+        gts, res = _tokenize(gts, res)
+    elif tokenizer == "plain":
+        gts, res = ({i: [plain_tokens(c) for c in side[i]] for i in side} for side in (gts, res))
+    else:
+        raise NevaError(f"unknown caption tokenizer {tokenizer!r}; choose 'ptb' or 'plain'")
+    return _corpus_scores(gts, res)
+
+
+def plain_tokens(caption: str) -> str:
+    """The PTB tokenizer's output (lower-cased tokens, its dropped punctuation gone) for captions made of
+    words, spaces and , . ! ? ; : -- not for contractions, brackets or quotes, which it splits or renames."""
+    words = (word.strip(_PLAIN_PUNCTUATION) for word in caption.lower().split())
+    return " ".join(word for word in words if word)
 
 
 def _predicted_captions(predictions: Predictions, known: set[int], gt_path: Path) -> dict[int, str]:
@@ -80,7 +113,7 @@ def _predicted_captions(predictions: Predictions, known: set[int], gt_path: Path
     return captions
 
 
-def _tokenize(gts: dict[int, list[str]], res: dict[int, list[str]]) -> tuple[dict, dict]:
+def _tokenize(gts: dict[Hashable, list[str]], res: dict[Hashable, list[str]]) -> tuple[dict, dict]:
     """Both sides through pycocoevalcap's PTB tokenizer in one Java run."""
     if shutil.which("java") is None:
         raise NevaError(
