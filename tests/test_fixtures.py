@@ -16,7 +16,7 @@ from PIL import Image
 from neva_core import cli
 from neva_core.errors import NevaError
 from neva_core.fixtures import Fixtures, load_fixtures, make_fixtures, write_tiny_llama
-from neva_core.fixtures.datasets import PRETRAIN_INSTRUCTIONS
+from neva_core.fixtures.datasets import PRETRAIN_INSTRUCTIONS, conversation_text
 from neva_core.fixtures.images import COLOURS, SHAPES, caption_for, draw_shape_image
 from neva_core.fixtures.models import TOKENIZER_VOCAB_SIZE
 
@@ -235,6 +235,31 @@ def test_tiny_llama_loads_and_runs(neva_fixtures: Fixtures) -> None:
     with torch.no_grad():
         logits = model(torch.tensor([ids])).logits
     assert logits.shape == (1, len(ids), TOKENIZER_VOCAB_SIZE) and torch.isfinite(logits).all()
+
+
+def test_tiny_llama_has_learned_the_fixture_language(neva_fixtures: Fixtures) -> None:
+    """The LLM that pretraining freezes knows the fixture text: the written records (drawn apart from its own
+    training text) read at a low loss, where a random LLaMA of this shape reads at about ln(vocab); and after
+    a pretraining instruction it goes on with a caption of the fixture classes."""
+    import math
+
+    import torch
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(neva_fixtures.llm_dir)
+    model = LlamaForCausalLM.from_pretrained(neva_fixtures.llm_dir).eval()
+    records = json.loads(neva_fixtures.instruct_json.read_text())
+    with torch.no_grad():
+        losses = [model(ids, labels=ids).loss.item() for ids in
+                  (tokenizer(conversation_text(record), return_tensors="pt").input_ids for record in records)]
+    assert sum(losses) / len(losses) < 0.25 * math.log(TOKENIZER_VOCAB_SIZE)
+    captions = [caption_for(colour, shape) for colour in COLOURS for shape in SHAPES]
+    for instruction in PRETRAIN_INSTRUCTIONS[:3]:
+        ids = tokenizer(f"{instruction}\n", return_tensors="pt").input_ids
+        with torch.no_grad():
+            answer = model.generate(ids, max_new_tokens=16, do_sample=False)[0, ids.shape[1]:]
+        text = tokenizer.decode(answer, skip_special_tokens=True)
+        assert any(text.startswith(caption) for caption in captions), (instruction, text)
 
 
 def test_write_tiny_llama_accepts_architecture_overrides(neva_fixtures: Fixtures, tmp_path: Path) -> None:

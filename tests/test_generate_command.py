@@ -71,7 +71,7 @@ def test_neva_generate_prints_what_the_hf_export_generates(trained: Path, image_
     argv = ["generate", "--model", str(trained), "--image", str(image_file), "--prompt", QUESTION,
             "--max-new-tokens", str(MAX_NEW_TOKENS)]
     assert main(argv) == 0
-    printed = capsys.readouterr().out.splitlines()[-1]
+    printed = capsys.readouterr().out.strip()  # the answer alone: the fixture LLM's may run over several lines
     expected = hf_export_tokens(trained, image_file, tmp_path / "llava")
     assert len(expected) >= 3  # a real continuation, not an immediate EOS
     assert printed == load_text_tokenizer(trained / "tokenizer").decode(expected).strip()

@@ -30,10 +30,12 @@ from train_support import (
 )
 
 from neva_core.errors import NevaError
+from neva_core.io import is_temp_name
 from neva_core.train.checkpointing import committed_checkpoints
 from neva_core.train.loop import check_resumable
 from neva_core.train.metrics import COLUMNS
 from neva_core.train.preflight import check_inputs
+from neva_core.train.setup import same_run_final
 
 STEPS = 8  # save every 3 (and at 8), validate every 4
 
@@ -81,6 +83,19 @@ def test_rerun_of_a_finished_run_is_a_no_op(reference) -> None:
     assert done.returncode == 0, done.stdout[-3000:]
     assert "already finished at step 8; nothing to do" in done.stdout
     assert {p: p.stat().st_mtime_ns for p in (config.out / "final").rglob("*") if p.is_file()} == before
+
+
+def test_final_is_kept_only_for_the_same_step_and_config(reference, tmp_path) -> None:
+    # write_final's check of a final/ already there (io.commit_output's reuse): this run's own is kept,
+    # another step's (an extended run) or a damaged one is replaced.
+    config, _ = reference
+    final = config.out / "final"
+    provenance = read_json(final / "model.json")["provenance"]
+    assert same_run_final(final, provenance) == final
+    assert same_run_final(final, provenance | {"steps": STEPS + 2}) is None
+    damaged = shutil.copytree(final, tmp_path / "final")
+    (damaged / "projector.safetensors").write_bytes(b"damaged")
+    assert same_run_final(damaged, provenance) is None
 
 
 def kill_plan(seed: int) -> list[tuple[str, int]]:
@@ -149,6 +164,7 @@ def test_a_finished_run_extends_with_a_higher_max_steps(reference, inputs, tmp_p
     assert done.returncode == 0, done.stdout[-3000:]
     assert f"resuming from step {STEPS}" in done.stdout
     assert read_json(out / "final" / "model.json")["provenance"]["steps"] == STEPS + 2
+    assert not [entry.name for entry in out.iterdir() if is_temp_name(entry)]  # the old final/ went with its swap
     ckpt = committed_checkpoints(out)[-1]
     with pytest.raises(NevaError, match=r"--lr 0.01 -> 0.005"):
         check_resumable(base_config(inputs, out, max_steps=STEPS + 4, lr=5e-3), ckpt, 1)

@@ -44,8 +44,8 @@ def runs(tmp_path_factory):
 def test_pretrain_and_finetune_losses_fall(runs) -> None:
     _, pre, ft = runs
     pre_rows, ft_rows = metrics_rows(pre), metrics_rows(ft)
-    # Pretraining trains only the projector into a random, frozen fixture LLM: the loss can only move a little.
-    assert float(pre_rows[-1]["loss"]) < float(pre_rows[0]["loss"])
+    # Pretraining trains only the projector into the frozen fixture LLM, which knows the fixture language.
+    assert float(pre_rows[-1]["loss"]) < 0.7 * float(pre_rows[0]["loss"])
     assert float(ft_rows[-1]["loss"]) < 0.3 * float(ft_rows[0]["loss"])
     val = [float(row["val_loss"]) for row in ft_rows if row["val_loss"]]
     assert val[-1] < 0.3 * float(ft_rows[0]["loss"])

@@ -269,8 +269,11 @@ def test_bf16_and_activation_checkpointing_pass_through_on_load(trained: Path, s
     half = load_trained_model(trained, dtype=torch.bfloat16)
     assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
     with torch.no_grad():
-        torch.testing.assert_close(gather_logits(half(input_ids, images)).float(),
-                                   gather_logits(reference(input_ids, images)), rtol=0.05, atol=0.05)
+        expected = gather_logits(reference(input_ids, images))
+        # bf16 keeps about 3 significant digits: the error scales with the logits (the fixture LLM's are
+        # those of a trained language model, not of a random one near zero)
+        torch.testing.assert_close(gather_logits(half(input_ids, images)).float(), expected, rtol=0.05,
+                                   atol=0.05 * expected.std().item())
     checkpointed = load_trained_model(trained, activation_checkpointing=True)
     assert checkpointed.llm.activation_checkpointing
     grads = []

@@ -20,7 +20,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -168,9 +168,12 @@ def save_trained_model(
     settings: TrainedModelConfig,
     dtype: str = "fp32",
     provenance: Mapping[str, Any] | None = None,
+    reuse: Callable[[Path], Path | None] = refuse_existing,
 ) -> Path:
-    """Write a complete trained-model folder at `out_dir` (which must not exist; see `io.commit_output`);
-    return it.
+    """Write a complete trained-model folder at `out_dir` through `io.commit_output`; return it.
+
+    `reuse` is commit_output's check of a folder already at `out_dir`: by default any is refused; a
+    caller that can tell its own earlier output returns it (kept) or None (replaced once the new one is whole).
 
     `llm` is a native checkpoint folder (its files are hard-linked, or copied across filesystems) or a
     NevaLLM, whose tensors are written as a TP=1 native checkpoint in `dtype`. A tensor-parallel NevaLLM
@@ -204,7 +207,7 @@ def save_trained_model(
         link_or_copy_tree(tokenizer_dir, tmp / TOKENIZER_DIR)
         finish_trained_folder(tmp, state, settings, llm_config, provenance)
 
-    commit_output(out_dir, reuse=refuse_existing, build=build)
+    commit_output(out_dir, reuse=reuse, build=build)
     if isinstance(llm, NevaLLM) and tp_world_size(llm.tp_group) > 1:
         dist.barrier(group=llm.tp_group)
     return out_dir

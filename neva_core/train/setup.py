@@ -10,7 +10,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -27,6 +26,7 @@ from neva_core.data.loader import EncodedRecord, LoaderConfig, RawRecord, Templa
 from neva_core.data.preprocess import ImageProcessor
 from neva_core.data.templates import SampleMismatch, encode_conversation
 from neva_core.errors import NevaError
+from neva_core.io import temp_name
 from neva_core.model.llm import NevaLLM
 from neva_core.model.neva import NevaModel, Stage
 from neva_core.model.trained import (
@@ -172,24 +172,20 @@ def _source_provenance(config: TrainConfig) -> tuple[Provenance, Path]:
     return provenance, source
 
 
-def _scratch(out: Path, name: str) -> Path:
-    return out / f".{name}.tmp-{socket.gethostname()}-{os.getpid()}"
-
-
 def write_final(config: TrainConfig, inputs: RunInputs, model: NevaModel, mpu: ModelParallelUnit,
                 provenance: dict[str, Any]) -> None:
     """OUT/final: the trained model at the last step (collective over DP rank 0's TP group; global rank 0 writes).
 
     A finetuned LLM is gathered and written as native rank files for --tp; a pretrain run links the LLM
-    it started from. The new folder replaces an older final/ (a run extended with a higher --max-steps).
+    it started from. The folder is committed by `io.commit_output` under its lock: a final/ of another
+    step (a run extended with a higher --max-steps) is replaced once the new one is whole; one of this very
+    run (same step and config, written by a concurrent rerun) is kept.
     """
     layout = mpu.layout
     if layout.dp_rank != 0:
         return
     writer = layout.rank == 0
-    final = config.out / "final"
-    new = _scratch(config.out, "final")
-    llm_tmp = _scratch(config.out, "final-llm")
+    llm_tmp = temp_name(config.out / "final-llm")
     source_provenance, source_llm = _source_provenance(config)
     llm_folder = source_llm
     if Stage(config.stage).trains_llm:
@@ -209,19 +205,24 @@ def write_final(config: TrainConfig, inputs: RunInputs, model: NevaModel, mpu: M
     if not writer:
         return
     try:
-        save_trained_model(new, llm=llm_folder, projector=model.projector, vision_dir=config.vision,
-                           tokenizer_dir=config.tokenizer, settings=model_settings(config, inputs),
-                           dtype=config.dtype, provenance=provenance)
-        if final.exists():
-            old = _scratch(config.out, "final-old")
-            os.rename(final, old)
-            os.rename(new, final)
-            shutil.rmtree(old)
-        else:
-            os.rename(new, final)
+        save_trained_model(config.out / "final", llm=llm_folder, projector=model.projector,
+                           vision_dir=config.vision, tokenizer_dir=config.tokenizer,
+                           settings=model_settings(config, inputs), dtype=config.dtype, provenance=provenance,
+                           reuse=partial(same_run_final, provenance=provenance))
     finally:
         shutil.rmtree(llm_tmp, ignore_errors=True)
-        shutil.rmtree(new, ignore_errors=True)
+
+
+def same_run_final(final: Path, provenance: dict[str, Any]) -> Path | None:
+    """`final` when it holds this run's model (same step, same config), else None: an older or damaged one
+    is this run's own OUT and is replaced."""
+    try:
+        _, _, document = read_trained_config(final)
+    except NevaError:
+        return None
+    recorded = document.get("provenance", {})
+    same = all(recorded.get(key) == provenance[key] for key in ("steps", "config"))
+    return final if same else None
 
 
 def finished_steps(out: Path) -> int | None:
