@@ -5,7 +5,9 @@ the final model; the same weights as a run without it; bad flags refused before 
 from __future__ import annotations
 
 import json
+import re
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,7 +20,7 @@ from neva_core.eval.generate import generate_predictions
 from neva_core.train.config import make_train_config
 from neva_core.train.preflight import check_inputs
 
-STEPS, EVERY, LIMIT = 4, 2, 6  # micro batch 4: generation groups of 4 and 2
+STEPS, EVERY, LIMIT, MAX_NEW = 4, 2, 6, 8  # micro batch 4: generation groups of 4 and 2
 pytestmark = pytest.mark.skipif(shutil.which("java") is None, reason="COCO scoring needs Java")
 
 
@@ -38,21 +40,40 @@ def run_config(inputs, out, **changes):
     return base_config(inputs, out, max_steps=STEPS, save_every=0, val_every=EVERY, **changes)
 
 
+def with_generated_references(coco: Path, predictions: Path, out: Path) -> Path:
+    """`coco` with each even-numbered image's predicted caption added to its references: the fixture's model
+    cannot caption yet, so its CIDEr is 0 on the fixture itself; against these references it is not."""
+    out.mkdir()
+    shutil.copy(coco / "val2014.zip", out)
+    truth = read_json(coco / "coco_karpathy_test_gt.json")
+    captions = [json.loads(line) for line in predictions.read_text().splitlines()]
+    for index, line in enumerate(captions[::2]):
+        truth["annotations"].append({"image_id": line["sample_id"], "id": 10_000 + index, "caption": line["caption"]})
+    (out / "coco_karpathy_test_gt.json").write_text(json.dumps(truth))
+    return out
+
+
 @pytest.fixture(scope="module")
 def runs(inputs, coco, tmp_path_factory):
-    """(with zero-shot eval, without), both finished."""
+    """A run without zero-shot eval; `neva eval generate` on its final model; and the same run with eval on
+    the fixture whose references hold those generations for half of the images."""
     root = tmp_path_factory.mktemp("zero-shot")
-    with_eval = run_config(inputs, root / "with-eval", eval_every=EVERY, eval_task="coco", eval_data=coco,
-                           eval_limit=LIMIT, eval_max_new_tokens=8)
     without = run_config(inputs, root / "without")
-    for config in (with_eval, without):
-        done = run_training(config)
-        assert done.returncode == 0, done.stdout[-4000:]
-    return with_eval, without, done.stdout
+    done = run_training(without)
+    assert done.returncode == 0, done.stdout[-4000:]
+    generated = root / "generated.jsonl"
+    generate_predictions(without.out / "final", "coco", coco, generated, batch=without.micro_batch, limit=LIMIT,
+                         max_new_tokens=MAX_NEW)
+    data = with_generated_references(coco, generated, root / "coco-with-generated")
+    with_eval = run_config(inputs, root / "with-eval", eval_every=EVERY, eval_task="coco", eval_data=data,
+                           eval_limit=LIMIT, eval_max_new_tokens=MAX_NEW)
+    done = run_training(with_eval)
+    assert done.returncode == 0, done.stdout[-4000:]
+    return with_eval, without, generated, done.stdout
 
 
-def test_cider_is_logged_at_the_eval_steps_and_equals_rescoring_its_predictions(runs, coco) -> None:
-    config, _, _ = runs
+def test_cider_is_logged_at_the_eval_steps_and_equals_rescoring_its_predictions(runs) -> None:
+    config, _, _, output = runs
     rows = {int(row["step"]): row for row in metrics_rows(config.out)}
     assert [step for step, row in rows.items() if row["coco_cider"]] == [2, 4]
     assert all(rows[step]["val_loss"] for step in (2, 4))
@@ -60,33 +81,33 @@ def test_cider_is_logged_at_the_eval_steps_and_equals_rescoring_its_predictions(
         predictions = config.out / "eval" / f"step-{step}" / "predictions.jsonl"
         lines = [json.loads(line) for line in predictions.read_text().splitlines()]
         assert len(lines) == LIMIT and all(set(line) == {"sample_id", "caption"} for line in lines)
-        rescored = score("coco", predictions, gt=coco / "coco_karpathy_test_gt.json")["CIDEr"]
-        assert float(rows[step]["coco_cider"]) == pytest.approx(rescored, rel=1e-5, abs=1e-9)
-        assert read_json(predictions.parent / "scores.json")["score"] == rescored
+        rescored = score("coco", predictions, gt=config.eval_data / "coco_karpathy_test_gt.json")
+        assert float(rows[step]["coco_cider"]) == pytest.approx(rescored["CIDEr"], rel=1e-5, abs=1e-9)
+        assert read_json(predictions.parent / "scores.json")["scores"] == rescored
+        assert re.search(rf"step {step} zero-shot coco CIDEr [0-9.e+-]+ on {LIMIT} samples", output)
+        assert re.search(rf"step {step} loss .* coco_cider {rows[step]['coco_cider']}", output)
+    assert float(rows[STEPS]["coco_cider"]) > 10  # half of the images have their caption among the references
     provenance = read_json(config.out / "final" / "model.json")["provenance"]["zero_shot"]
     assert provenance["step"] == STEPS and provenance["task"] == "coco" and provenance["metric"] == "CIDEr"
     assert provenance["score"] == pytest.approx(float(rows[STEPS]["coco_cider"]), rel=1e-5, abs=1e-9)
 
 
-def test_tensorboard_and_log_line_carry_the_score(runs) -> None:
+def test_tensorboard_has_the_score_at_the_eval_steps(runs) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    config, _, _ = runs
+    config = runs[0]
     events = EventAccumulator(str(config.out / "tensorboard"))
     events.Reload()
     assert [event.step for event in events.Scalars("zero_shot/coco_cider")] == [2, 4]
 
 
-def test_final_step_predictions_are_neva_eval_generate_on_the_final_model(runs, coco, tmp_path) -> None:
-    config, _, _ = runs
-    out = tmp_path / "coco.jsonl"
-    generate_predictions(config.out / "final", "coco", coco, out, batch=config.micro_batch, limit=LIMIT,
-                         max_new_tokens=8)
-    assert out.read_bytes() == (config.out / "eval" / f"step-{STEPS}" / "predictions.jsonl").read_bytes()
+def test_last_step_generations_are_neva_eval_generate_on_the_final_model(runs) -> None:
+    config, _, generated, _ = runs
+    assert (config.out / "eval" / f"step-{STEPS}" / "predictions.jsonl").read_bytes() == generated.read_bytes()
 
 
 def test_eval_leaves_the_trained_weights_bit_identical(runs) -> None:
-    with_eval, without, _ = runs
+    with_eval, without, _, _ = runs
     ours, theirs = final_tensors(with_eval.out), final_tensors(without.out)
     assert ours.keys() == theirs.keys()
     for name, tensor in ours.items():
@@ -123,3 +144,21 @@ def test_bad_eval_flags_are_refused_before_any_step(case, message, inputs, coco,
     with pytest.raises(NevaError, match=message):
         check_inputs(make_train_config(values | changes))
     assert not (tmp_path / "out").exists()
+
+
+def test_generation_puts_back_rng_states_and_module_modes() -> None:
+    import random
+
+    import numpy as np
+
+    from neva_core.train.zero_shot import _untouched
+
+    model = torch.nn.Sequential(torch.nn.Dropout(0.5), torch.nn.Sequential(torch.nn.Linear(2, 2)))
+    model[1].eval()  # a frozen part kept in eval mode stays so
+    states = (random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state())
+    with _untouched(model):
+        assert not any(module.training for module in model.modules())
+        random.random(), np.random.rand(), torch.rand(3)
+    assert [module.training for module in model.modules()] == [True, True, False, False]
+    assert random.getstate() == states[0] and (np.random.get_state()[1] == states[1]).all()
+    assert torch.equal(torch.get_rng_state(), states[2])
