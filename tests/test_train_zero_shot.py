@@ -162,3 +162,24 @@ def test_generation_puts_back_rng_states_and_module_modes() -> None:
     assert [module.training for module in model.modules()] == [True, True, False, False]
     assert random.getstate() == states[0] and (np.random.get_state()[1] == states[1]).all()
     assert torch.equal(torch.get_rng_state(), states[2])
+
+
+def test_a_resume_redoes_later_evaluations_and_may_change_the_eval_flags(inputs, coco, tmp_path) -> None:
+    from types import SimpleNamespace
+
+    from neva_core.train.parallel import make_layout
+    from neva_core.train.zero_shot import ZeroShotEval
+
+    config = run_config(inputs, tmp_path / "out", eval_every=EVERY, eval_task="coco", eval_data=coco)
+    for step in (2, 4):  # evaluations of a killed run, which had reached step 4
+        folder = config.out / "eval" / f"step-{step}"
+        folder.mkdir(parents=True)
+        (folder / "scores.json").write_text(json.dumps({"step": step, "task": "coco", "data": str(coco), "samples": 6,
+                                                        "metric": "CIDEr", "score": float(step)}))
+    (config.out / "eval" / ".step-6.tmp-host-1-abcd").mkdir()
+    rank0 = SimpleNamespace(layout=make_layout(1, 1, 0))
+    zero_shot = ZeroShotEval(config, None, None, rank0, resumed_step=3)  # resumed from the step-3 checkpoint
+    assert sorted(p.name for p in (config.out / "eval").iterdir()) == ["step-2"]
+    assert zero_shot.latest() == {"step": 2, "task": "coco", "data": str(coco), "samples": 6, "metric": "CIDEr",
+                                  "score": 2.0, "predictions": "eval/step-2/predictions.jsonl"}
+    config.check_resume(run_config(inputs, tmp_path / "out").model_dump(mode="json"))  # eval flags are neutral

@@ -146,8 +146,7 @@ class TrainConfig(BaseModel):
                             "samples of --eval-data, scored by the task's official scorer and logged with the val "
                             "loss (0: never)", json_schema_extra=_meta("N"))
     eval_task: Literal["coco", "mmmu", "textvqa"] | None = Field(
-        None, description="the --eval-every benchmark: coco (CIDEr), mmmu or textvqa (accuracy); one of coco, "
-        "mmmu, textvqa", json_schema_extra=_meta("TASK"))
+        None, description="the --eval-every benchmark: coco (scored by CIDEr), mmmu or textvqa (by accuracy)")
     eval_data: Path | None = Field(None, description="the benchmark folder in its public layout, as "
                                    "`neva eval generate --data` reads it", json_schema_extra=_meta("DIR"))
     eval_limit: int = Field(100, ge=1, description="samples per zero-shot evaluation (the benchmark's first K)",
