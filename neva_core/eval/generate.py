@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -35,6 +35,9 @@ from neva_core.eval.predictions import prediction_record
 from neva_core.eval.prompts import IMAGE_PLACEHOLDER, user_prompt
 from neva_core.generate import ANSWER_END, greedy_generate, left_padded
 from neva_core.io import file_lock, lock_path, read_manifest, write_json_atomic
+
+if TYPE_CHECKING:
+    from neva_core.model.neva import NevaModel
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +56,11 @@ class GenerationSummary:
     generated: int  # written by this run
 
 
+def generation_aspect(template: str) -> str:
+    """How images are fitted for generation, by the model's template: as `neva generate` does (LLaVA-1.5)."""
+    return "square" if template == "plain" else "pad"
+
+
 class Answerer:
     """A trained model with its tokenizer and image processor: batched greedy answers to EvalSamples."""
 
@@ -63,11 +71,24 @@ class Answerer:
 
         self.folder, settings, _ = read_trained_config(model_dir)
         self.template = settings.template
-        self.aspect = "square" if self.template == "plain" else "pad"  # as `neva generate` (LLaVA-1.5)
+        self.aspect = generation_aspect(self.template)
         self.model = load_trained_model(self.folder, dtype=dtype).eval()
         self.tokenizer: TextTokenizer = load_text_tokenizer(self.folder / TOKENIZER_DIR)
         self.processor = ImageProcessor.from_folder(self.folder / VISION_DIR, aspect=self.aspect)
         self.model_digest = model_digest(self.folder)
+
+    @classmethod
+    def for_model(cls, model: NevaModel, tokenizer: TextTokenizer, vision_dir: Path, template: str) -> Answerer:
+        """An Answerer over a model already in memory (the one being trained), with the processor of its
+        vision folder; its mode is the caller's to set (answers need eval mode)."""
+        from neva_core.data.preprocess import ImageProcessor
+
+        answerer = cls.__new__(cls)
+        answerer.folder, answerer.template, answerer.aspect = None, template, generation_aspect(template)
+        answerer.model, answerer.tokenizer = model, tokenizer
+        answerer.processor = ImageProcessor.from_folder(vision_dir, aspect=answerer.aspect)
+        answerer.model_digest = None
+        return answerer
 
     def answer(self, task: str, samples: list[EvalSample], max_new_tokens: int) -> list[str]:
         """The answers in sample order. A sample's first image is shown (Megatron's single-image style)."""
@@ -148,7 +169,7 @@ def _append_missing(answerer: Answerer, task: str, data_dir: Path, out: Path, ru
     finished, generated = 0, 0
     log.info("%s: %d predictions already in %s; %d samples in scope", task, len(done), out, total)
     with open(out, "a", encoding="utf-8") as f:
-        for group in _groups(samples, batch):
+        for group in sample_groups(samples, batch):
             finished += sum(1 for s in group if s.sample_id in done)
             todo = [s for s in group if s.sample_id not in done]
             if not todo:
@@ -213,7 +234,8 @@ def _recover(out: Path) -> set[Any]:
     return done
 
 
-def _groups(samples: Iterable[EvalSample], size: int) -> Iterator[list[EvalSample]]:
+def sample_groups(samples: Iterable[EvalSample], size: int) -> Iterator[list[EvalSample]]:
+    """Consecutive groups of `size` samples (the last may be shorter): the batches generation decodes."""
     iterator = iter(samples)
     while group := list(islice(iterator, size)):
         yield group

@@ -41,8 +41,12 @@ def _help(info: FieldInfo) -> str:
 
 
 def _choices(annotation: Any) -> list[Any] | None:
+    """The values of a Literal field, or of an optional one (`Literal[...] | None`: not given means None)."""
     if typing.get_origin(annotation) is typing.Literal:
         return list(typing.get_args(annotation))
+    options = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+    if len(options) == 1 and len(typing.get_args(annotation)) == 2:
+        return _choices(options[0])
     return None
 
 

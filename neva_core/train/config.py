@@ -24,13 +24,15 @@ TemplateName = Literal["plain", "vicuna_v1", "llama_2", "mistral"]
 DEFAULT_WARMUP_RATIO = 0.03
 # DeepSpeed's WarmupCosineLR clamps shorter warmups to 2 steps and refuses 0.
 MIN_WARMUP_STEPS = 2
-# Options a resumed run may change: where things are and are written, how often it saves, validates and
-# logs, how the processes are started, and how long it runs (a finished run can be extended). The data
-# and model folders are checked by their manifests, not their paths; the world size by the checkpoint's.
+# Options a resumed run may change: where things are and are written, how often it saves, validates, logs
+# and evaluates (zero-shot generation only reads the weights), how the processes are started, and how long
+# it runs (a finished run can be extended). The data and model folders are checked by their manifests, not
+# their paths; the world size by the checkpoint's.
 RESUME_NEUTRAL = frozenset({
     "shards", "llm", "vision", "tokenizer", "out", "init", "max_steps", "save_every", "save_minutes",
     "val_every", "val_batches", "keep_best", "log_every", "nproc", "nnodes", "node_rank", "master_addr",
-    "master_port", "hostfile", "ssh", "activation_checkpointing",
+    "master_port", "hostfile", "ssh", "activation_checkpointing", "eval_every", "eval_task", "eval_data",
+    "eval_limit", "eval_max_new_tokens",
 })
 
 
@@ -139,11 +141,27 @@ class TrainConfig(BaseModel):
     keep_best: int = Field(1, ge=0, description="keep the K best checkpoints by val loss besides the newest",
                            json_schema_extra=_meta("K"))
     log_every: int = Field(10, ge=1, description="log metrics every N steps", json_schema_extra=_meta("N"))
+    # zero-shot evaluation (train/zero_shot.py)
+    eval_every: int = Field(0, ge=0, description="zero-shot generation every N steps on the first --eval-limit "
+                            "samples of --eval-data, scored by the task's official scorer and logged with the val "
+                            "loss (0: never)", json_schema_extra=_meta("N"))
+    eval_task: Literal["coco", "mmmu", "textvqa"] | None = Field(
+        None, description="the --eval-every benchmark: coco (scored by CIDEr), mmmu or textvqa (by accuracy)")
+    eval_data: Path | None = Field(None, description="the benchmark folder in its public layout, as "
+                                   "`neva eval generate --data` reads it", json_schema_extra=_meta("DIR"))
+    eval_limit: int = Field(100, ge=1, description="samples per zero-shot evaluation (the benchmark's first K)",
+                            json_schema_extra=_meta("K"))
+    eval_max_new_tokens: int | None = Field(None, ge=1, description="longest zero-shot answer in tokens "
+                                            "(default: the task's, as `neva eval generate`: coco 40, mmmu 24, "
+                                            "textvqa 16)", json_schema_extra=_meta("N"))
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
         self._check_schedule()
         self._check_nodes()
+        if self.eval_every and (self.eval_task is None or self.eval_data is None):
+            raise NevaError(f"--eval-every {self.eval_every} needs --eval-task coco|mmmu|textvqa and --eval-data DIR "
+                            "(the benchmark folder, e.g. from `neva eval fixtures`); or pass --eval-every 0")
         if self.dtype == "bf16" and self.zero == 0:
             raise NevaError(
                 "--dtype bf16 needs --zero 1 or more: DeepSpeed accumulates gradients in fp32 only under ZeRO "

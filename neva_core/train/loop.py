@@ -2,12 +2,13 @@
 
     python -m neva_core.train.loop CONFIG_JSON      (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT set)
 
-Read top to bottom: groups, inputs, resume discovery, model, engine, loaders, then the steps. Each
+Read top to bottom: groups, inputs, resume discovery, model, engine, loaders, then the steps (with the
+validation loss every --val-every steps and zero-shot generation every --eval-every). Each
 optimizer step draws its gradient-accumulation micro batches first, so the loss can be token-weighted
 over the whole global batch: every micro batch contributes (sum of token losses) / (supervised tokens
 of the global batch), the count summed over the data-parallel ranks before any backward.
 Parallel and DeepSpeed set-up live in train/parallel.py and train/setup.py, checkpoints in
-train/checkpointing.py, metrics in train/metrics.py.
+train/checkpointing.py, metrics in train/metrics.py, zero-shot evaluation in train/zero_shot.py.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from neva_core.train.metrics import Metrics, peak_flops, step_flops
 from neva_core.train.parallel import ModelParallelUnit, init_parallel_groups
 from neva_core.train.preflight import check_inputs
 from neva_core.train.setup import TORCH_DTYPES, build_engine, build_loaders, build_model, finished_steps, write_final
+from neva_core.train.zero_shot import ZeroShotEval
 
 log = logging.getLogger("neva_core.train")
 
@@ -118,6 +120,7 @@ def train(config: TrainConfig) -> int:
         log.info("starting %s at step 0: %s on %d ranks (tp %d x dp %d), %d micro batches of %d per step",
                  config.out, config.stage, comm.world_size, plan.tp, plan.dp, plan.grad_accum, plan.micro_batch)
     metrics = Metrics(config.out, step) if comm.rank == 0 else None
+    zero_shot = ZeroShotEval(config, model, inputs.tokenizer, mpu, resumed_step=step) if config.eval_every else None
     stop = StopRequest()
     device, dtype = engine.device, TORCH_DTYPES[config.dtype]
     flops_of = step_flops_estimator(model, config)
@@ -176,14 +179,21 @@ def train(config: TrainConfig) -> int:
             val_loss = evaluate(engine, val_loader, mpu, dtype)
             if best is None or val_loss < best[0]:
                 best = [val_loss, step]
-        if step % config.log_every == 0 or val_loss is not None or step == config.max_steps:
+        zero_shot_scores = None  # {metrics column: score} on rank 0
+        if zero_shot is not None and step % config.eval_every == 0:
+            eval_start = time.perf_counter()
+            zero_shot_scores = zero_shot.run(step)
+            interval_start += time.perf_counter() - eval_start  # samples/s stays the training's
+        if step % config.log_every == 0 or val_loss is not None or zero_shot_scores is not None \
+                or step == config.max_steps:
             elapsed = time.perf_counter() - interval_start
             if metrics is not None:
                 metrics.record(step, loss=loss, val_loss=val_loss, lr=lr,
                                grad_norm=grad_norm_of(engine) if grad_norm is None else grad_norm,
                                samples_per_s=interval["samples"] / elapsed,
                                tokens_per_s=interval["tokens"] / elapsed, step_time_s=step_time,
-                               mfu=None if peak is None else interval["flops"] / elapsed / (peak * comm.world_size))
+                               mfu=None if peak is None else interval["flops"] / elapsed / (peak * comm.world_size),
+                               **(zero_shot_scores or {}))
             interval_start = time.perf_counter()
             interval = {"samples": 0, "tokens": 0, "flops": 0.0}
 
@@ -207,6 +217,7 @@ def train(config: TrainConfig) -> int:
     write_final(config, inputs, model, mpu, provenance={
         "trained_by": "neva train", "stage": config.stage, "steps": step, "samples": samples,
         "best_val_loss": None if best is None else best[0], "best_val_step": None if best is None else best[1],
+        "zero_shot": None if zero_shot is None else zero_shot.latest(),
         "config": config.model_dump(mode="json"), "code_version": code_version()})
     comm.barrier()
     train_loader.close()

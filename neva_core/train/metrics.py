@@ -1,5 +1,7 @@
 """Rank 0's training metrics: plain log lines, OUT/metrics.csv, TensorBoard (OUT/tensorboard/) and OUT/loss.png.
 
+TensorBoard tags: train/<column>, val/loss, and zero_shot/<task>_<metric> (e.g. zero_shot/coco_cider).
+
 On resume from step N the CSV keeps its rows up to N (later ones were never committed) and TensorBoard
 purges the events after N, so a resumed run's curves are those of an uninterrupted one.
 """
@@ -10,11 +12,18 @@ import csv
 import logging
 import os
 from pathlib import Path
+
 import torch
+
+from neva_core.train.zero_shot import COLUMNS as ZERO_SHOT_COLUMNS
 
 log = logging.getLogger("neva_core.train")
 
-COLUMNS = ("step", "loss", "val_loss", "lr", "grad_norm", "samples_per_s", "tokens_per_s", "step_time_s", "mfu")
+# The zero-shot scores (--eval-every) get a column per task, filled at the evaluated steps.
+COLUMNS = ("step", "loss", "val_loss", "lr", "grad_norm", "samples_per_s", "tokens_per_s", "step_time_s", "mfu",
+           *ZERO_SHOT_COLUMNS.values())
+TENSORBOARD_TAGS = {"val_loss": "val/loss"} | {column: f"zero_shot/{column}" for column in ZERO_SHOT_COLUMNS.values()}
+
 # Peak dense bf16 FLOP/s of common accelerators, for the MFU estimate (NEVA_PEAK_TFLOPS overrides it).
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
 
@@ -74,7 +83,7 @@ class Metrics:
             csv.DictWriter(f, COLUMNS).writerow(row)
         for key, value in values.items():
             if value is not None:
-                self.tensorboard.add_scalar(f"train/{key}" if key != "val_loss" else "val/loss", value, step)
+                self.tensorboard.add_scalar(TENSORBOARD_TAGS.get(key, f"train/{key}"), value, step)
         log.info("step %d %s", step, " ".join(f"{key} {row[key]}" for key in COLUMNS[1:] if row.get(key)))
 
     def plot(self) -> None:

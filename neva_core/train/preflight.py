@@ -19,6 +19,7 @@ from neva_core.model.config import LLMConfig
 from neva_core.model.trained import read_trained_config
 from neva_core.model.vision import read_vision_config
 from neva_core.train.config import TrainConfig
+from neva_core.train.zero_shot import check_eval_inputs
 
 T = TypeVar("T")
 
@@ -69,6 +70,7 @@ def check_inputs(config: TrainConfig) -> RunInputs:
         raise NevaError(f"{exc} (the vision tower {config.vision} is {image_size} px, patch {patch_size})") from None
     if config.init is not None:
         _check_init(config.init, config, inputs)
+    check_eval_inputs(config)
     return inputs
 
 
