@@ -7,10 +7,15 @@ the held-out records' questions with their captions: the demo's accuracy check (
 
 from __future__ import annotations
 
+import json
+from dataclasses import asdict
 from pathlib import Path
 
 from neva_core.config import DatasetConfig, ModelConfig, PipelineConfig, TrainGroup, preset_params
+from neva_core.eval.heldout import HeldoutResult, heldout_captions
+from neva_core.fingerprint import code_version, output_folder
 from neva_core.fixtures import Fixtures, make_fixtures
+from neva_core.io import MANIFEST_NAME, write_json_atomic
 
 DEMO_IMAGES = 2048  # what the tiny presets learn from (a quarter more are held out)
 DEMO_TP = 1
@@ -54,3 +59,17 @@ def demo_config(workdir: Path, *, images: int = DEMO_IMAGES, seed: int = 0, tp: 
     )
     return PipelineConfig(workdir=workdir, dataset=dataset, finetune_dataset=finetune_dataset, model=model,
                           train=train)
+
+
+def demo_accuracy(export_dir: Path, fixtures: Fixtures, workdir: Path) -> HeldoutResult:
+    """The held-out caption accuracy of the export (neva_core.eval.heldout), kept in WORKDIR/eval/ under a name
+    made from the export's manifest, the held-out data and the code, so a rerun on the same export reuses it."""
+    record = output_folder(workdir.resolve() / "eval", "heldout", export=export_dir / MANIFEST_NAME,
+                           heldout=fixtures.heldout_json, images=fixtures.pretrain_zip, code=code_version())
+    record = record.with_name(record.name + ".json")
+    if record.is_file():
+        return HeldoutResult(**json.loads(record.read_text()))
+    result = heldout_captions(export_dir, fixtures.heldout_json, fixtures.pretrain_zip)
+    record.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(record, asdict(result))
+    return result

@@ -280,3 +280,38 @@ def test_bad_training_parameters_fail_before_any_stage(tmp_path: Path) -> None:
     state = neva(config={"workdir": str(tmp_path / "work"), "train": {"pretrain": pretrain}}, return_state=True)
     assert state.is_failed() and "global-batch 100" in state.message
     assert task_runs(state.state_details.flow_run_id) == [] and not (tmp_path / "work").exists()
+
+
+def test_console_lines_name_the_task_run_they_come_from() -> None:
+    """`neva run` and `neva demo` log through neva's root handler, which Prefect keeps: each task run's lines
+    (the trainer's among them) still carry Prefect's task-run name, as Prefect's own console format does."""
+    from prefect import task
+
+    from neva_core.cli import RunLogFormatter
+    from tasks.process import run_logger
+
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    @task(name="probe-lines")
+    def probe_lines() -> None:
+        run_logger().warning("INFO neva_core.train: step 3 loss 1.5")
+
+    @flow(name="probe-lines-flow", flow_run_name="probe-run")
+    def probe_flow() -> None:
+        probe_lines()
+
+    keep = Keep()
+    logging.getLogger("prefect.task_runs").addHandler(keep)
+    try:
+        probe_flow()
+    finally:
+        logging.getLogger("prefect.task_runs").removeHandler(keep)
+    lines = [RunLogFormatter().format(record) for record in records]
+    assert any(line.startswith("WARNING prefect.task_runs: task run 'probe-lines-")
+               and line.endswith("': INFO neva_core.train: step 3 loss 1.5") for line in lines), lines
+    assert RunLogFormatter().format(logging.makeLogRecord({"msg": "plain", "levelname": "INFO", "name": "neva"})) \
+        == "INFO neva: plain"

@@ -41,9 +41,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     # Offline: the embedded Prefect server must not try to send usage analytics.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # The embedded server can take over 20 s (Prefect's default limit) to start on busy cores.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     from flows.neva import neva, run_name
-    from neva_core.demo import demo_config, demo_fixtures
-    from neva_core.eval.heldout import heldout_captions
+    from neva_core.demo import demo_accuracy, demo_config, demo_fixtures
     from neva_core.model.neva import Stage
 
     from pydantic import ValidationError
@@ -60,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     result = neva.with_options(flow_run_name=run_name(True, Stage.FINETUNE, config))(
         stage=Stage.FINETUNE, config=config)
     fixtures = demo_fixtures(args.workdir, images=args.images, seed=args.seed, make=False)
-    heldout = heldout_captions(Path(result["export"]["path"]), fixtures.heldout_json, fixtures.pretrain_zip)
+    heldout = demo_accuracy(Path(result["export"]["path"]), fixtures, args.workdir)
     result["heldout_accuracy"] = heldout.accuracy
     print_run_result(result, args.json)
     if not args.json:

@@ -80,6 +80,8 @@ def run(args: argparse.Namespace) -> int:
     config = load_pipeline_config(args.config)
     # The embedded Prefect server must not try to send usage analytics (it may run offline).
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # The embedded server can take over 20 s (Prefect's default limit) to start on busy cores.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     from flows.neva import neva
     from neva_core.model.neva import Stage
 
