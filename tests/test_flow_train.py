@@ -68,6 +68,16 @@ def task_runs(flow_run_id: object) -> list:
         return client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
 
 
+def final_task_runs(flow_run_id: object, timeout: float = 30.0) -> list:
+    """The flow run's task runs once the server has every one's final state (it learns them asynchronously)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        runs = task_runs(flow_run_id)
+        if all(run.state is not None and run.state.is_final() for run in runs) or time.monotonic() > deadline:
+            return runs
+        time.sleep(0.2)
+
+
 def artifacts_of(flow_run_id: object) -> list:
     with get_client(sync_client=True) as client:
         return client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
@@ -140,7 +150,7 @@ def test_a_rerun_is_all_cached_and_prints_the_accuracy(demo_run, capsys: pytest.
     assert main(demo_argv(workdir)) == 0
     printed = capsys.readouterr().out
     (latest, *_) = flow_runs()
-    assert {run.state_name for run in task_runs(latest.id)} == {"Cached"}
+    assert {run.state_name for run in final_task_runs(latest.id)} == {"Cached"}
     lines = printed.strip().splitlines()
     assert lines[-2].startswith(f"{len(result['stages'])} stages: 0 ran, {len(result['stages'])} cached")
     assert lines[-1].startswith(f"accuracy: {result['heldout_accuracy']:.0%} ")
@@ -217,7 +227,7 @@ def test_a_killed_trainer_is_retried_and_resumes(demo_run, tmp_path: Path) -> No
     assert state.is_completed(), state.message
     assert state.result()["step"] == 40
     flow_run_id = state.state_details.flow_run_id
-    (train_run,) = task_runs(flow_run_id)
+    (train_run,) = final_task_runs(flow_run_id)
     assert train_run.run_count == 2
     resumed = [message for message in log_messages(flow_run_id) if "resuming from step" in message]
     assert len(resumed) == 1 and int(resumed[0].rsplit(" ", 1)[1]) >= 4
@@ -230,7 +240,7 @@ def test_refused_input_fails_at_once_without_a_retry(demo_run, tmp_path: Path) -
         Path(result["shards"]["out_dir"]).parents[1], images=IMAGES, make=False).tokenizer_model.parent)
     state = train_probe(config, return_state=True)
     assert state.is_failed() and "refused" in state.message
-    (train_run,) = task_runs(state.state_details.flow_run_id)
+    (train_run,) = final_task_runs(state.state_details.flow_run_id)
     assert train_run.run_count == 1
     assert not (tmp_path / "refused").exists()
 
