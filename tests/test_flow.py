@@ -7,6 +7,7 @@ import io
 import json
 import shutil
 import threading
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -48,8 +49,14 @@ def task_states(flow_run_id: object) -> dict[str, str]:
     """Each task's final state name in one flow run, by task name (e.g. {"shard": "Cached"})."""
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
+    # The server learns task states asynchronously: wait until it has every task run's final state.
+    deadline = time.monotonic() + 30
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+        while True:
+            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+            if all(run.state is not None and run.state.is_final() for run in runs) or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
     states: dict[str, str] = {}
     for run in runs:
         # download runs several times (json, zip, LLM, vision): record every state it ended in.
