@@ -45,16 +45,18 @@ def pipeline_config(fixtures: Fixtures, workdir: Path) -> PipelineConfig:
     )
 
 
-def task_states(flow_run_id: object) -> dict[str, str]:
+def task_states(flow_run_id: object, expected: int = 0) -> dict[str, str]:
     """Each task's final state name in one flow run, by task name (e.g. {"shard": "Cached"})."""
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    # The server learns task states asynchronously: wait until it has every task run's final state.
+    # The server learns task runs and their states asynchronously: wait until it has the `expected` task runs
+    # (one per stage of the flow's own summary), each in a final state.
     deadline = time.monotonic() + 30
     with get_client(sync_client=True) as client:
         while True:
             runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-            if all(run.state is not None and run.state.is_final() for run in runs) or time.monotonic() > deadline:
+            settled = len(runs) >= expected and all(run.state is not None and run.state.is_final() for run in runs)
+            if settled or time.monotonic() > deadline:
                 break
             time.sleep(0.2)
     states: dict[str, str] = {}
@@ -68,7 +70,8 @@ def task_states(flow_run_id: object) -> dict[str, str]:
 def run_flow(config: PipelineConfig) -> tuple[dict, dict[str, str]]:
     state = neva(config=config, return_state=True)
     assert state.is_completed(), state.message
-    return state.result(), task_states(state.state_details.flow_run_id)
+    result = state.result()
+    return result, task_states(state.state_details.flow_run_id, expected=len(result["stages"]))
 
 
 def latest_flow_run_id() -> object:
