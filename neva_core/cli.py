@@ -42,11 +42,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class RunLogFormatter(logging.Formatter):
+    """neva's log lines, naming the Prefect task or flow run a record comes from: Prefect leaves a root handler
+    set up here in place (so its own console format, which names runs, is not used), and its run loggers
+    attach the run's name to each record."""
+
+    def __init__(self) -> None:
+        super().__init__("%(levelname)s %(name)s: %(run)s%(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        task_run, flow_run = getattr(record, "task_run_name", None), getattr(record, "flow_run_name", None)
+        record.run = f"task run '{task_run}': " if task_run else f"flow run '{flow_run}': " if flow_run else ""
+        return super().format(record)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
-    )
+    console = logging.StreamHandler()
+    console.setFormatter(RunLogFormatter())
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, handlers=[console])
     # HTTP clients log every request at INFO (Prefect's API calls among them): keep them for --verbose.
     for noisy in ("httpx", "httpcore", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if args.verbose else logging.WARNING)
