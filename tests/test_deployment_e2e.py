@@ -27,6 +27,7 @@ from prefect.client.schemas.filters import (
     FlowRunFilterId,
 )
 from prefect.client.schemas.objects import Artifact, FlowRun, TaskRun
+from prefect.client.schemas.responses import SetStateStatus
 from prefect.states import Cancelling
 
 from deployment_support import POOL, PrefectStack, TaggedProcess, copy_checkout, tagged_processes, wait_until
@@ -138,7 +139,8 @@ def test_cancelled_finetune_run_leaves_no_training_process(stack: PrefectStack, 
         return running and bool(seen) and any(0 < done < 100 for done in progress)
 
     wait_until(mid_training, 240, f"the finetune to train a step:\n{stack.log('worker')[-4000:]}", interval=1)
-    client.set_flow_run_state(flow_run.id, Cancelling(), force=True)
+    # What the UI's cancel button and `prefect flow-run cancel` send.
+    assert client.set_flow_run_state(flow_run.id, Cancelling()).status == SetStateStatus.ACCEPT
     wait_until(lambda: client.read_flow_run(flow_run.id).state.name == "Cancelled", 90,
                f"the run to be cancelled:\n{stack.log('worker')[-4000:]}")
 
