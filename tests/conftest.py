@@ -19,6 +19,8 @@ atexit.register(functools.partial(shutil.rmtree, os.environ["PREFECT_HOME"], ign
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+# The embedded server starts in ~15 s here, far longer when the shared cores are busy (the default is 20 s).
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 import pytest  # noqa: E402
 

@@ -18,15 +18,9 @@ from prefect.flows import load_flow_from_entrypoint
 from prefect.server.schemas.schedules import CronSchedule as ServerCronSchedule
 from prefect.utilities.callables import parameter_schema
 
-from neva_core.config import PipelineConfig
-from neva_core.model.neva import Stage
 
 REPO = Path(__file__).resolve().parents[1]
 PREFECT_YAML = REPO / "deployments" / "prefect.yaml"
-
-
-def planned_flow(demo: bool = False, stage: Stage = Stage.PRETRAIN, config: PipelineConfig = PipelineConfig()) -> None:
-    """The `neva` flow's top-level parameters once training is wired in (demo, stage, config)."""
 
 
 @pytest.fixture(scope="module")
@@ -58,11 +52,9 @@ def test_entrypoints_load_the_neva_flow_from_the_repo_root(deployments: dict, mo
 def test_parameters_fit_the_flow_signature(deployments: dict) -> None:
     from flows.neva import neva
 
-    flow_schema = parameter_schema(neva.fn).model_dump_for_openapi()
-    assert set(flow_schema["properties"]) <= {"demo", "stage", "config"}
-    # Until the flow takes demo and stage (with training), check against the signature it will have.
-    wired = set(flow_schema["properties"]) == {"demo", "stage", "config"}
-    schema = flow_schema if wired else parameter_schema(planned_flow).model_dump_for_openapi()
+    schema = parameter_schema(neva.fn).model_dump_for_openapi()
+    assert set(schema["properties"]) == {"demo", "stage", "config"}
+    assert schema["properties"]["demo"]["default"] is False
     for deployment in deployments.values():
         jsonschema.validate(deployment["parameters"], schema)
     assert {name: d["parameters"]["stage"] for name, d in deployments.items()} == {

@@ -21,6 +21,7 @@ from flows.neva import neva, source_name
 from neva_core.checkpoint.layout import load_native_rank, read_native_config, verify_native
 from neva_core.cli import main
 from neva_core.config import DatasetConfig, ModelConfig, PipelineConfig
+from neva_core.demo import demo_config
 from neva_core.data.shard_manifest import read_shard_manifest
 from neva_core.errors import NevaError, TransientError
 from download_support import FakeHub, FakeServer, isolate_hub_client
@@ -39,6 +40,7 @@ def pipeline_config(fixtures: Fixtures, workdir: Path) -> PipelineConfig:
                               images_source=str(fixtures.pretrain_zip), maxcount=16, val_fraction=0.1, workers=2),
         model=ModelConfig(llm_source=str(fixtures.llm_dir), vision_source=str(fixtures.vision_dir), tp=2,
                           dtype="fp32"),
+        train=None,  # the data and checkpoint stages only
     )
 
 
@@ -57,7 +59,7 @@ def task_states(flow_run_id: object) -> dict[str, str]:
 
 
 def run_flow(config: PipelineConfig) -> tuple[dict, dict[str, str]]:
-    state = neva(config, return_state=True)
+    state = neva(config=config, return_state=True)
     assert state.is_completed(), state.message
     return state.result(), task_states(state.state_details.flow_run_id)
 
@@ -211,7 +213,7 @@ def test_concurrent_runs_of_one_config_build_each_output_once_under_the_runs_cwd
 
     monkeypatch.setattr(neva_core.io, "_publish", counting_publish)
     results: list[dict] = []
-    threads = [threading.Thread(target=lambda: results.append(neva(config))) for _ in range(2)]
+    threads = [threading.Thread(target=lambda: results.append(neva(config=config))) for _ in range(2)]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -263,8 +265,10 @@ def test_demo_with_other_images_against_an_existing_demo_folder(
 ) -> None:
     earlier = tmp_path / "demo" / "fixtures" / "seed0-images64"  # what `neva demo --images 64` left there
     shutil.copytree(neva_fixtures.root, earlier)
-    assert main(["demo", "--workdir", str(tmp_path / "demo"), "--images", "16", "--tp", "1"]) == 0
-    rows = {stage: (status, output) for stage, status, _, output in printed_stages(capsys.readouterr().out)}
+    # The demo's configuration without its training (tests/test_flow_train.py runs `neva demo` itself).
+    config = demo_config(tmp_path / "demo", images=16, tp=1).model_copy(update={"train": None})
+    result, _ = run_flow(config)
+    rows = {stage["stage"]: (stage["status"], stage["output"]) for stage in result["stages"]}
     assert list(rows) == ["download-json", "download-images", "shard", "download-llm", "download-vision",
                           "extend-tokenizer", "convert"]  # tp 1: nothing to repartition
     assert {status for status, _ in rows.values()} == {"ran"}
@@ -289,7 +293,7 @@ def test_a_tp_size_the_model_cannot_take_fails_before_conversion(
 ) -> None:
     config = pipeline_config(neva_fixtures, tmp_path / "work")
     config = config.model_copy(update={"model": config.model.model_copy(update={"tp": 3})})
-    state = neva(config, return_state=True)
+    state = neva(config=config, return_state=True)
     assert state.is_failed() and "model.tp=3 does not fit" in state.message
     assert not list((tmp_path / "work" / "checkpoints" / "tiny-llama").glob("native-*"))
     assert not list((tmp_path / "work" / "checkpoints" / "tiny-llama").glob("tokenizer-*"))

@@ -23,8 +23,9 @@ def test_flow_extends_a_fast_tokenizer_and_grows_the_vocabulary(neva_fixtures: F
                               images_source=str(neva_fixtures.pretrain_zip), maxcount=64, workers=1),
         model=ModelConfig(llm_source=str(qwen2_dir), vision_source=str(neva_fixtures.vision_dir), tp=2,
                           dtype="fp32"),
+        train=None,  # the data and checkpoint stages only
     )
-    state = neva(config, return_state=True)
+    state = neva(config=config, return_state=True)
     assert state.is_completed(), state.message
     result = state.result()
 

@@ -16,14 +16,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "run",
         help="run the neva Prefect flow with the pipeline configuration in a YAML file",
         description=(
-            "Read CONFIG.yaml (the keys of the flow's PipelineConfig: workdir, dataset.*, model.*, hf_token_secret, "
-            "hf_endpoint, keep_outputs), validate it, and run the `neva` flow with it. Uses the Prefect API in "
+            "Read CONFIG.yaml (the keys of the flow's PipelineConfig: workdir, dataset.*, model.*, finetune_dataset.*, "
+            "train.pretrain.*, train.finetune.* (null: no training), hf_token_secret, hf_endpoint, keep_outputs), "
+            "validate it, and run the `neva` flow with it (--stage: pretrain, or finetune from the pretrain output). "
+            "Uses the Prefect API in "
             "PREFECT_API_URL if set, else Prefect's embedded local server. A relative workdir is taken from the "
             "directory the command runs in. Stages whose inputs and parameters did not change are served from the cache. Ends with a "
             "summary of the stages: ran or cached, seconds, output (--json: the whole result)."
         ),
     )
     p.add_argument("config", type=Path, metavar="CONFIG.yaml", help="the pipeline configuration")
+    p.add_argument("--stage", choices=("pretrain", "finetune"), default="pretrain",
+                   help="the last training stage (default: pretrain); finetune also runs (or reuses) pretrain")
     add_json_flag(p)
     p.set_defaults(handler=run)
 
@@ -77,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
     # The embedded Prefect server must not try to send usage analytics (it may run offline).
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from flows.neva import neva
+    from neva_core.model.neva import Stage
 
-    print_run_result(neva(config), args.json)
+    print_run_result(neva(stage=Stage(args.stage), config=config), args.json)
     return 0
