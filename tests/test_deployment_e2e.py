@@ -36,8 +36,6 @@ pytestmark = pytest.mark.slow
 
 PREFECT_FILE = "deployments/prefect.yaml"
 TRAIN_TASK = "train"  # task-run names are "<task name>-<suffix>"
-# Until the flow branch lands: the flow has no `demo`/`stage` parameters, no train task and no artifacts of it.
-PENDING_FLOW = pytest.mark.xfail(strict=True, reason="the neva flow has no demo/stage parameters nor train task yet")
 
 
 @pytest.fixture(scope="module")
@@ -79,11 +77,11 @@ def states(runs: list[TaskRun]) -> dict[str, str]:
     return {run.name: run.state.name for run in runs if run.state is not None}
 
 
-@PENDING_FLOW
 def test_demo_pretrain_deployment_run_completes_with_progress_and_loss_curve(
     client: SyncPrefectClient, first_pretrain: str
 ) -> None:
-    assert client.read_flow_run(first_pretrain).state.name == "Completed"
+    flow_run = client.read_flow_run(first_pretrain)
+    assert flow_run.state.name == "Completed" and flow_run.name.startswith("demo-pretrain-"), flow_run.name
     runs = task_runs(client, first_pretrain)
     assert any(run.name.startswith(f"{TRAIN_TASK}-") for run in runs), states(runs)
     assert set(states(runs).values()) == {"Completed"}, states(runs)
@@ -99,7 +97,6 @@ def test_demo_pretrain_deployment_run_completes_with_progress_and_loss_curve(
         assert png.format == "PNG" and png.width > 1 and png.height > 1
 
 
-@PENDING_FLOW
 def test_second_demo_pretrain_run_is_all_cached(stack: PrefectStack, client: SyncPrefectClient,
                                                first_pretrain: str) -> None:
     flow_run_id, _ = stack.run_deployment("neva/pretrain", "demo=true")
@@ -122,7 +119,6 @@ def test_nightly_schedule_makes_scheduled_runs_at_two_in_berlin(client: SyncPref
         assert run.parameters == {"demo": False, "stage": "finetune"}
 
 
-@PENDING_FLOW
 def test_cancelled_finetune_run_leaves_no_training_process(stack: PrefectStack, client: SyncPrefectClient) -> None:
     deployment = client.read_deployment_by_name("neva/finetune")
     flow_run = client.create_flow_run_from_deployment(deployment.id, parameters={"demo": True})
