@@ -37,6 +37,7 @@ from neva_core.model.neva import Stage
 from tasks.artifacts import StageLog, run_summary_artifact
 from tasks.checkpoint import convert_task, extend_tokenizer_task, repartition_task
 from tasks.data import download_task, shard_task, unzip_task
+from tasks.evaluate import evaluate_task
 from tasks.export import export_task
 from tasks.train import train_task
 
@@ -121,6 +122,8 @@ def run_stages(config: PipelineConfig, stage: Stage, stages: StageLog) -> dict[s
         trained, used = train_and_export(config, stage, result, stages)
         result.update(trained)
         outputs += used
+        if config.evaluation is not None:
+            result["evaluation"] = evaluate(config, stage, Path(trained[stage.value]["final"]), stages)
     for output in outputs:
         prune_outputs(output, config.keep_outputs)
     return result
@@ -187,6 +190,16 @@ def train_and_export(config: PipelineConfig, stage: Stage, prepared: dict[str, A
                            output=lambda r: r["path"])
     used.append(Path(exported["path"]))
     return {**results, "export": exported}, used
+
+
+def evaluate(config: PipelineConfig, stage: Stage, model: Path, stages: StageLog) -> dict[str, Any]:
+    """Score the trained model on the configured benchmarks; with the guard on, a regression against the
+    promoted model fails this task (and the run). Each stage has its own history and promoted model under
+    WORKDIR/evaluation/<stage>/, so a pretrained model is never judged against a finetuned one."""
+    run_id = flow_run.id or time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())  # a retry keeps the run's id
+    return stages.call(evaluate_task, model, config.evaluation, config.workdir / "evaluation" / stage.value, run_id,
+                       output=lambda r: f"{r['decision'] or 'scored'}: "
+                                        + ", ".join(f"{k} {v:.1f}" for k, v in sorted(r["scores"].items())))
 
 
 def wait_for(stages: StageLog, stage: str, download: Any, started: float) -> dict[str, Any]:

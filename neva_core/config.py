@@ -20,6 +20,7 @@ from neva_core.data.download_plans import ALTERNATIVES as WEIGHTS_OR
 from neva_core.data.download_sources import parse_source
 from neva_core.data.shard_plan import DEFAULT_VAL_FRACTION
 from neva_core.errors import NevaError
+from neva_core.eval.settings import EvaluationConfig
 from neva_core.tokenizer import NEVA_SPECIAL_TOKENS
 from neva_core.train.config import TrainConfig, make_train_config, read_config_file
 
@@ -100,9 +101,15 @@ class PipelineConfig(_Strict):
                                             description="the conversations finetuning trains on (stage finetune)")
     train: TrainGroup | None = Field(default_factory=lambda: TrainGroup(),
                                      description="training hyper-parameters; null: only the data and checkpoint stages")
+    evaluation: EvaluationConfig | None = Field(
+        None, description="benchmarks the trained model is evaluated on after the export, and the nightly "
+                          "regression guard (null: no evaluation)")
 
     @model_validator(mode="after")
     def _check_training(self) -> PipelineConfig:
+        if self.evaluation is not None and self.train is None:
+            raise ValueError("evaluation needs train: it evaluates the model this run trains; set train, or set "
+                             "evaluation to null")
         if self.train is not None:
             for stage in ("pretrain", "finetune"):
                 train_config(self, stage, Path("shards"), Path("llm"), Path("vision"), Path("tokenizer"), Path("out"))

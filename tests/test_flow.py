@@ -276,7 +276,7 @@ def test_demo_with_other_images_against_an_existing_demo_folder(
     earlier = tmp_path / "demo" / "fixtures" / "seed0-images64"  # what `neva demo --images 64` left there
     shutil.copytree(neva_fixtures.root, earlier)
     # The demo's configuration without its training (tests/test_flow_train.py runs `neva demo` itself).
-    config = demo_config(tmp_path / "demo", images=16, tp=1).model_copy(update={"train": None})
+    config = demo_config(tmp_path / "demo", images=16, tp=1).model_copy(update={"train": None, "evaluation": None})
     result, _ = run_flow(config)
     rows = {stage["stage"]: (stage["status"], stage["output"]) for stage in result["stages"]}
     assert list(rows) == ["download-json", "download-images", "shard", "download-llm", "download-vision",

@@ -108,7 +108,7 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, obje
 def test_demo_chains_every_stage_and_trains_finetune_from_pretrain(demo_run) -> None:
     workdir, result, latest = demo_run
     stages = {stage["stage"]: stage for stage in result["stages"]}
-    assert list(stages)[-3:] == ["pretrain", "finetune", "export"]
+    assert list(stages)[-4:] == ["pretrain", "finetune", "export", "evaluate"]
     assert {stage["status"] for stage in result["stages"]} == {"ran"}
     assert latest.name == "demo-finetune-tiny-llama-tp1"
     pretrain, finetune = result["pretrain"], result["finetune"]
@@ -121,6 +121,12 @@ def test_demo_chains_every_stage_and_trains_finetune_from_pretrain(demo_run) -> 
     assert stages["export"]["output"] == result["export"]["path"]
     assert stages["finetune"]["output"] == finetune["final"]
     assert 0.0 <= result["heldout_accuracy"] <= 1.0
+    assert result["heldout_scores"]["accuracy"] == pytest.approx(100 * result["heldout_accuracy"])
+    # The first evaluation of the finetuned model on the benchmark fixtures is promoted (nothing was before).
+    evaluation = result["evaluation"]
+    assert (evaluation["decision"], evaluation["model"]) == ("promoted", finetune["final"])
+    assert set(evaluation["scores"]) >= {"coco/CIDEr", "mmmu/accuracy", "textvqa/accuracy"}
+    assert Path(workdir, "evaluation", "finetune", "promoted", "model.json").is_file()
     assert all(name in (task.name.rsplit("-", 1)[0] for task in task_runs(latest.id))
                for name in ("train", "export"))
 
@@ -138,6 +144,7 @@ def test_training_leaves_progress_image_table_and_links(demo_run) -> None:
         assert rows["best val loss"] == round(result[stage]["best_val_loss"], 5)
         # Prefect stores a link artifact as markdown: [text](url).
         assert Path(result[stage]["final"]).as_uri() in found[f"neva-{stage}-output-model"].data.rsplit("(", 1)[1]
+    assert found["evaluation-scores"].type == "table" and found["evaluation-samples"].type == "markdown"
     summary = found["neva-run-summary"].data
     assert "| finetune | ran |" in summary and "| export | ran |" in summary
     # The trainer's rank-0 lines are the train task runs' logs, under Prefect's task-run names.
@@ -152,8 +159,10 @@ def test_a_rerun_is_all_cached_and_prints_the_accuracy(demo_run, capsys: pytest.
     (latest, *_) = flow_runs()
     assert {run.state_name for run in final_task_runs(latest.id)} == {"Cached"}
     lines = printed.strip().splitlines()
-    assert lines[-2].startswith(f"{len(result['stages'])} stages: 0 ran, {len(result['stages'])} cached")
-    assert lines[-1].startswith(f"accuracy: {result['heldout_accuracy']:.0%} ")
+    assert lines[-4].startswith(f"{len(result['stages'])} stages: 0 ran, {len(result['stages'])} cached")
+    assert lines[-3].startswith(f"accuracy: {result['heldout_accuracy']:.0%} ")
+    assert lines[-2].startswith(f"held-out captions: CIDEr {result['heldout_scores']['CIDEr']:.1f}, ")
+    assert lines[-1].startswith("benchmark fixtures: coco/BLEU-4 ") and lines[-1].endswith("(promoted)")
 
 
 def test_heldout_captions_match_our_own_generation(demo_run) -> None:

@@ -261,19 +261,21 @@ def test_greedy_generation_of_the_export_equals_ours(exported: Path, trained: Pa
 def test_bf16_and_activation_checkpointing_pass_through_on_load(trained: Path, settings) -> None:
     from neva_core.model.neva import Stage
 
-    input_ids = torch.randint(3, 380, (2, 24))
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(3, 380, (2, 24), generator=generator)
     input_ids[:, 1:17] = settings.image_token_id
     labels = input_ids.masked_fill(input_ids == settings.image_token_id, -100)
-    images = torch.randn(2, 3, 64, 64)
+    images = torch.randn(2, 3, 64, 64, generator=generator)
     reference = load_trained_model(trained)
     half = load_trained_model(trained, dtype=torch.bfloat16)
     assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
     with torch.no_grad():
         expected = gather_logits(reference(input_ids, images))
-        # bf16 keeps about 3 significant digits: the error scales with the logits (the fixture LLM's are
-        # those of a trained language model, not of a random one near zero)
-        torch.testing.assert_close(gather_logits(half(input_ids, images)).float(), expected, rtol=0.05,
-                                   atol=0.05 * expected.std().item())
+        actual = gather_logits(half(input_ids, images)).float()
+    # bf16 keeps about 3 significant digits, and the error grows through the layers: judged over the whole
+    # logits tensor (a few of its 24576 values can be off by more than any elementwise bound that stays tight)
+    assert ((actual - expected).norm() / expected.norm()).item() < 0.02
+    assert (actual.argmax(-1) == expected.argmax(-1)).float().mean().item() > 0.9
     checkpointed = load_trained_model(trained, activation_checkpointing=True)
     assert checkpointed.llm.activation_checkpointing
     grads = []

@@ -16,7 +16,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="run the neva Prefect flow on synthetic data (offline, CPU), training included",
         description=(
             "Make the synthetic fixtures (a LLaVA-Pretrain-shaped dataset of captioned shapes, a tiny LLaMA, a tiny "
-            "CLIP and a sentencepiece tokenizer) under WORKDIR/fixtures/seed<S>-images<N>, then run the `neva` "
+            "CLIP and a sentencepiece tokenizer) under WORKDIR/fixtures/seed<S>-images<N>-v<format>, then run the `neva` "
             "Prefect flow on them with stage finetune and the tiny presets: download (local copies), shard, "
             "tokenizer extension, convert (and repartition with --tp 2), pretrain, finetune, export to HF LLaVA. "
             "Uses the Prefect API in PREFECT_API_URL if set, else Prefect's embedded local server. A second run "
@@ -45,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     from flows.neva import neva, run_name
     from neva_core.demo import demo_accuracy, demo_config, demo_fixtures
+    from neva_core.eval.captions import caption_scores
     from neva_core.model.neva import Stage
 
     from pydantic import ValidationError
@@ -63,8 +64,14 @@ def run(args: argparse.Namespace) -> int:
     fixtures = demo_fixtures(args.workdir, images=args.images, seed=args.seed, make=False)
     heldout = demo_accuracy(Path(result["export"]["path"]), fixtures, args.workdir)
     result["heldout_accuracy"] = heldout.accuracy
+    result["heldout_scores"] = scores = caption_scores(heldout.answers, heldout.truths)
     print_run_result(result, args.json)
     if not args.json:
         print(f"accuracy: {heldout.accuracy:.0%} (held-out images whose answer contains the true caption, "
               f"{len(heldout.answers)} images, transformers on {result['export']['path']})")
+        print(f"held-out captions: CIDEr {scores['CIDEr']:.1f}, BLEU-4 {scores['BLEU-4']:.1f}, "
+              f"ROUGE-L {scores['ROUGE-L']:.1f} against the true captions")
+        print("benchmark fixtures: " + ", ".join(f"{name} {value:.1f}" for name, value
+                                                  in sorted(result["evaluation"]["scores"].items()))
+              + f" ({result['evaluation']['decision']})")
     return 0
