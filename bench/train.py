@@ -6,7 +6,9 @@ per-step time is the difference of their wall times over N, so process start, im
 DeepSpeed's set-up cancel out. The runs are interleaved (ours and the baseline alternate, short runs then long
 ones, the order flipped every repeat) and repeated --repeats times, so a load change on a shared machine hits
 both sides alike; the JSON gives the median and the range of each side's step time, the ratio of the medians,
-the load average seen, and each child's own timing of its steps after the first as a cross-check.
+the load average seen, and two cross-checks: the children's CPU seconds per step (from the same two run
+lengths: less sensitive than wall time to other processes sharing the cores) and each child's own clock over
+the steps the difference measures (the long run's last N).
 
 Both sides get the DeepSpeed JSON `deepspeed_config` builds from one TrainConfig (AdamW, WarmupCosineLR,
 clipping, ZeRO stage, gradient accumulation), the same pre-built tensors (input ids, labels, an all-true
@@ -29,6 +31,7 @@ import argparse
 import hashlib
 import json
 import os
+import resource
 import socket
 import statistics
 import subprocess
@@ -74,7 +77,8 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     module, trainable, loss_of, settings = (_ours if args.impl == "ours" else _hf)(folder, model_config, dtype, args)
     module = module.to(args.device)
-    ds_config = deepspeed_config(config, plan, torch_adam=args.device == "cpu")
+    # torch's AdamW inside DeepSpeed on every device: FusedAdam's JIT build may not work (or fit the time) there.
+    ds_config = deepspeed_config(config, plan, torch_adam=True)
     if args.optimizer == "deepspeed":
         import deepspeed
 
@@ -200,7 +204,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _timed_run(impl: str, steps: int, folder: Path, args: argparse.Namespace) -> tuple[float, dict[str, Any]]:
+def _timed_run(impl: str, steps: int, folder: Path, args: argparse.Namespace) -> tuple[float, float, dict[str, Any]]:
+    """(wall seconds, CPU seconds of the child, the child's JSON) of one run."""
     command = [sys.executable, __file__, "--impl", impl, "--model", str(folder), "--size", args.size,
                "--device", args.device, "--dtype", args.dtype, "--zero", str(args.zero), "--stage", args.stage,
                "--micro-batch", str(args.micro_batch), "--grad-accum", str(args.grad_accum), "--steps", str(steps),
@@ -210,12 +215,15 @@ def _timed_run(impl: str, steps: int, folder: Path, args: argparse.Namespace) ->
     if args.device == "cpu":
         env.setdefault("DS_ACCELERATOR", "cpu")
         env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions"))
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode:
         raise SystemExit(f"{impl} run of {steps} steps failed:\n{done.stderr[-4000:]}")
-    return seconds, json.loads(done.stdout.strip().splitlines()[-1])
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    return seconds, cpu, json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def _spread(values: list[float]) -> dict[str, Any]:
@@ -223,15 +231,17 @@ def _spread(values: list[float]) -> dict[str, Any]:
             "max": round(max(values), 4), "each": [round(v, 4) for v in values]}
 
 
-def _summary(impl: str, runs: list[tuple[float, float, dict[str, Any]]], args: argparse.Namespace,
-             samples_per_step: int) -> dict[str, Any]:
-    """One side's step times over the repeats: from the two run lengths, and the child's own clock."""
-    step_s = [(long - short) / args.steps for short, long, _ in runs]
-    in_process = [statistics.median(child["step_times_s"][1:]) for _, _, child in runs]
+def _summary(runs: list[dict[str, Any]], args: argparse.Namespace, samples_per_step: int) -> dict[str, Any]:
+    """One side's step times over the repeats: wall and CPU time from the two run lengths, and the child's own
+    clock over the same steps (the long run's last N), which no start-up noise reaches."""
+    step_s = [(run["long"][0] - run["short"][0]) / args.steps for run in runs]
+    cpu_step_s = [(run["long"][1] - run["short"][1]) / args.steps for run in runs]
+    in_process = [statistics.fmean(run["long"][2]["step_times_s"][args.steps:]) for run in runs]
     median = statistics.median(step_s)
-    return {"run_s": [[round(short, 2), round(long, 2)] for short, long, _ in runs], "step_s": _spread(step_s),
-            "samples_per_s": round(samples_per_step / median, 3),
-            "in_process_step_s": _spread(in_process), "settings": runs[0][2]["settings"]}
+    return {"run_s": [[round(run["short"][0], 2), round(run["long"][0], 2)] for run in runs],
+            "step_s": _spread(step_s), "samples_per_s": round(samples_per_step / median, 3),
+            "cpu_s_per_step": _spread(cpu_step_s), "in_process_step_s": _spread(in_process),
+            "settings": runs[0]["long"][2]["settings"]}
 
 
 def measure(folder: Path, args: argparse.Namespace) -> tuple[dict[str, list], list[float]]:
@@ -240,13 +250,13 @@ def measure(folder: Path, args: argparse.Namespace) -> tuple[dict[str, list], li
     load: list[float] = [os.getloadavg()[0]]
     for repeat in range(args.repeats):
         order = ("ours", "hf") if repeat % 2 == 0 else ("hf", "ours")
-        timed: dict[str, list] = {impl: [] for impl in order}
-        for steps in (args.steps, 2 * args.steps):
+        timed: dict[str, dict[str, Any]] = {impl: {} for impl in order}
+        for length, steps in (("short", args.steps), ("long", 2 * args.steps)):
             for impl in order:
-                timed[impl].append(_timed_run(impl, steps, folder, args))
+                timed[impl][length] = _timed_run(impl, steps, folder, args)
                 load.append(os.getloadavg()[0])
-        for impl, ((short, _), (long, child)) in timed.items():
-            runs[impl].append((short, long, child))
+        for impl in order:
+            runs[impl].append(timed[impl])
     return runs, load
 
 
@@ -272,35 +282,34 @@ def main() -> None:
         return
     if args.dtype == "bf16" and args.zero == 0 and args.optimizer == "deepspeed":
         parser.error("--dtype bf16 needs --zero 1 or 2 (fp32 gradient accumulation)")
-    if args.steps < 2:
-        parser.error("--steps must be at least 2 (the child's own timing skips its first step)")
     samples_per_step = args.micro_batch * args.grad_accum
     with tempfile.TemporaryDirectory(prefix="neva-bench-train-") as workdir:
         folder = Path(workdir) / "llava"
         write_model(folder, args.size, args.dtype, args.llm_layers)
         config = json.loads((folder / "config.json").read_text())
         runs, load = measure(folder, args)
-    ours, hf = (_summary(impl, runs[impl], args, samples_per_step) for impl in ("ours", "hf"))
+    ours, hf = (_summary(runs[impl], args, samples_per_step) for impl in ("ours", "hf"))
     paired = [h / o for h, o in zip(hf["step_s"]["each"], ours["step_s"]["each"])]
     result = {
         "bench": f"train_step_{args.stage}", "size": args.size, "device": args.device, "dtype": args.dtype,
         "zero": args.zero, "llm_layers": config["text_config"]["num_hidden_layers"],
         "sequence_length": 1 + (config["vision_config"]["image_size"] // config["vision_config"]["patch_size"]) ** 2
         + SIZES[args.size]["text_tokens"],
-        "optimizer": "AdamW (torch_adam on CPU), WarmupCosineLR, clip 1.0" if args.optimizer == "deepspeed"
+        "optimizer": "DeepSpeed AdamW (torch_adam), WarmupCosineLR, clip 1.0" if args.optimizer == "deepspeed"
         else "plain torch AdamW + clip_grad_norm_ 1.0 (no DeepSpeed)",
         "micro_batch": args.micro_batch, "grad_accum": args.grad_accum, "steps": [args.steps, 2 * args.steps],
         "repeats": args.repeats, "threads": args.threads, "batch": "identical pre-built tensors on both sides",
-        "same_deepspeed_config": ours["settings"].get("deepspeed_config_sha256")
-        == hf["settings"].get("deepspeed_config_sha256"),
+        "same_deepspeed_config": None if args.optimizer == "torch"
+        else ours["settings"]["deepspeed_config_sha256"] == hf["settings"]["deepspeed_config_sha256"],
         "ours": ours, "hf": hf,
         "speedup": round(hf["step_s"]["median"] / ours["step_s"]["median"], 3),
         "speedup_paired": _spread(paired),
         "speedup_in_process": round(hf["in_process_step_s"]["median"] / ours["in_process_step_s"]["median"], 3),
+        "speedup_cpu_time": round(hf["cpu_s_per_step"]["median"] / ours["cpu_s_per_step"]["median"], 3),
         "load_average_1min": _spread(load), "cpus": os.cpu_count(),
     }
     if args.device == "cuda":
-        result.update(_gpu_figures(runs["ours"][0][2]["flops_per_step"], ours, hf))
+        result.update(_gpu_figures(runs["ours"][0]["long"][2]["flops_per_step"], ours, hf))
     print(json.dumps(result))
 
 
