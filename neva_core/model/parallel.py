@@ -268,6 +268,8 @@ def vocab_parallel_cross_entropy(
     (0, not NaN, when every token is ignored, so a fully masked batch cannot poison training).
     check_labels: refuse label ids outside the vocabulary; the check reads values back to the host, so a
     training step whose labels the data path already validated turns it off.
+    One rank holding the whole vocabulary (TP=1) takes torch's fused cross entropy; the others exchange
+    only per-token statistics.
     """
     if reduction not in ("none", "sum", "mean"):
         raise NevaError(f"reduction must be 'none', 'sum' or 'mean', got {reduction!r}")
