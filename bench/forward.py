@@ -47,14 +47,16 @@ SIZES: dict[str, dict[str, Any]] = {
 IMAGE_TOKEN = 31999
 
 
-def write_model(folder: Path, size: str, dtype: str) -> None:
+def write_model(folder: Path, size: str, dtype: str, llm_layers: int | None = None) -> None:
+    """A random LLaVA model of `size` (llm_layers: fewer decoder layers, where a device's memory needs it)."""
     import torch
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     shapes = SIZES[size]
     vision = CLIPVisionConfig(**shapes["vision"])
     tokens = (vision.image_size // vision.patch_size) ** 2
-    config = LlavaConfig(vision_config=vision, text_config=LlamaConfig(**shapes["text"]), image_token_id=IMAGE_TOKEN,
+    text = dict(shapes["text"], **({} if llm_layers is None else {"num_hidden_layers": llm_layers}))
+    config = LlavaConfig(vision_config=vision, text_config=LlamaConfig(**text), image_token_id=IMAGE_TOKEN,
                          image_seq_length=tokens, vision_feature_layer=-2, projector_hidden_act="gelu")
     torch.manual_seed(0)
     with torch.device("cpu"):
@@ -74,7 +76,8 @@ def make_batch(config: dict[str, Any], size: str, batch: int, device: str) -> di
     labels = input_ids.masked_fill(input_ids == IMAGE_TOKEN, -100)
     labels[:, 0] = -100
     images = torch.randn(batch, 3, vision["image_size"], vision["image_size"], generator=generator)
-    return {"input_ids": input_ids.to(device), "labels": labels.to(device), "images": images.to(device)}
+    return {"input_ids": input_ids.to(device), "labels": labels.to(device), "images": images.to(device),
+            "attention_mask": torch.ones_like(input_ids, dtype=torch.bool)}  # no padding; kept on the host
 
 
 def run_child(args: argparse.Namespace) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from model_support import converted_fixture_llama, tiny_config
 from test_llm import build_pair
 from neva_core.checkpoint.layout import load_native_rank, read_native_config
 from neva_core.errors import NevaError
-from neva_core.model.llm import KVCache, NevaLLM
+from neva_core.model.llm import KVCache, NevaLLM, training_attention_mask
 
 LENGTHS = (12, 7, 9)  # real tokens per row: one full row, two padded ones
 PADDED_CASES = ["llama_gqa", "mistral_sliding_window", "qwen2_bias_tied"]
@@ -78,6 +78,19 @@ def full_sequence(input_ids: torch.Tensor, mask: torch.Tensor, new_tokens: torch
     full_ids = torch.cat([input_ids, new_tokens], dim=1)
     full_mask = torch.cat([mask, torch.ones_like(new_tokens, dtype=torch.bool)], dim=1)
     return full_ids, full_mask, (full_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def test_training_mask_drops_right_padding_only(padded_pair: tuple[torch.nn.Module, NevaLLM]) -> None:
+    """A right-padded batch trains with the fused causal kernel (mask None) and the same real-token logits;
+    a left-padded one keeps its mask."""
+    _, ours = padded_pair
+    input_ids, right, _ = padded_batch(ours.config.vocab_size, "right")
+    assert training_attention_mask(right) is None
+    _, left, _ = padded_batch(ours.config.vocab_size, "left")
+    assert training_attention_mask(left) is left
+    with torch.no_grad():
+        masked, causal = ours(input_ids, attention_mask=right), ours(input_ids, attention_mask=None)
+    torch.testing.assert_close(causal[right], masked[right])
 
 
 @pytest.mark.parametrize("side", ["right", "left"])

@@ -16,6 +16,7 @@ from neva_core.generate import greedy_generate
 from neva_core.model.config import LLMConfig
 from neva_core.model.llm import KVCache, NevaLLM, gather_logits
 from neva_core.model.parallel import (
+    _VocabParallelCrossEntropy,
     copy_to_tp_region,
     gather_from_tp_region,
     reduce_from_tp_region,
@@ -265,10 +266,12 @@ def test_second_tp2_pair_agrees_with_the_first(rank_results: list) -> None:
             assert torch.equal(first[f"{name}-tp2"]["logits"], second[f"{name}-tp2"]["logits"])
 
 
-def test_cross_entropy_refuses_a_second_backward_through_the_same_graph() -> None:
+def test_vocab_parallel_kernel_refuses_a_second_backward_through_the_same_graph() -> None:
+    """The TP kernel turns its saved softmax into the gradient in place, so it cannot run backward twice.
+    (At TP=1 vocab_parallel_cross_entropy takes torch's fused cross entropy, which has no such limit.)"""
     logits, labels = ce_inputs()
     logits.requires_grad_(True)
-    loss = vocab_parallel_cross_entropy(logits, labels, vocab_size=CE_VOCAB)
+    loss = _VocabParallelCrossEntropy.apply(logits, labels, None, -100, CE_VOCAB).sum()
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="backpropagated twice"):
         loss.backward()

@@ -41,7 +41,7 @@ from neva_core.model.parallel import (
 )
 from neva_core.model.partition import full_shape, split_tensor
 
-__all__ = ["KVCache", "NevaLLM", "gather_logits", "vocab_parallel_cross_entropy"]
+__all__ = ["KVCache", "NevaLLM", "gather_logits", "training_attention_mask", "vocab_parallel_cross_entropy"]
 
 INIT_STD = 0.02  # LLaMA's initializer_range
 SDPA_HAS_GQA = torch.torch_version.TorchVersion(torch.__version__) >= (2, 5)  # scaled_dot_product_attention(enable_gqa=)
@@ -115,6 +115,15 @@ def build_attention_mask(
         # matters, because no real query ever sees a padding key.
         allowed = allowed & (key_mask.unsqueeze(1) | (key == query))
     return allowed.unsqueeze(1)
+
+
+def training_attention_mask(attention_mask: torch.Tensor) -> torch.Tensor | None:
+    """What a training forward needs of a batch's mask [B, T] (True = real token): None when every row is
+    right-padded (no real token after a padding one), because causal attention then never lets a real token
+    see padding and SDPA keeps its fused is_causal kernel; otherwise the mask itself. It reads the mask's
+    values, so pass the loader's host tensor, not a device copy."""
+    real_after_padding = attention_mask[:, 1:] & ~attention_mask[:, :-1]
+    return None if not bool(real_after_padding.any()) else attention_mask
 
 
 class KVCache:

@@ -100,11 +100,18 @@ class NevaModel(nn.Module):
 
         labels [B, T] are aligned with input_ids (HF convention: position t's label is token t, and the
         logits at t-1 predict it), ignore_index where not trained. Summing both terms over gradient
-        accumulation and data-parallel ranks and dividing once gives the token-weighted mean; nothing
-        here reads a value back to the host.
+        accumulation and data-parallel ranks and dividing once gives the token-weighted mean.
+
+        Only the positions that predict a supervised token go through the output layer and the loss: image
+        tokens, prompts and padding never need logits (in pretraining two thirds of the positions and of that
+        work). Selecting them reads their count back to the host once per micro batch, a small price next to
+        a [B, T, vocab] matmul and softmax.
         """
-        logits = self.forward(input_ids, images, attention_mask)
-        return self.llm.loss_terms(logits[:, :-1], labels[:, 1:], ignore_index)
+        hidden = self.llm.hidden_states(inputs_embeds=self.embed(input_ids, images), attention_mask=attention_mask)
+        targets = labels[:, 1:]
+        supervised = targets != ignore_index
+        logits = self.llm.output_logits(hidden[:, :-1][supervised])
+        return self.llm.loss_terms(logits, targets[supervised], ignore_index)
 
     # -- stages ------------------------------------------------------------------------------------
 

@@ -268,6 +268,8 @@ def vocab_parallel_cross_entropy(
     (0, not NaN, when every token is ignored, so a fully masked batch cannot poison training).
     check_labels: refuse label ids outside the vocabulary; the check reads values back to the host, so a
     training step whose labels the data path already validated turns it off.
+    One rank holding the whole vocabulary (TP=1) takes torch's fused cross entropy; the others exchange
+    only per-token statistics.
     """
     if reduction not in ("none", "sum", "mean"):
         raise NevaError(f"reduction must be 'none', 'sum' or 'mean', got {reduction!r}")
@@ -275,13 +277,27 @@ def vocab_parallel_cross_entropy(
         raise NevaError(f"logits {tuple(local_logits.shape)} and labels {tuple(labels.shape)} do not match")
     if check_labels:
         _check_labels(labels, ignore_index, vocab_size or local_logits.shape[-1] * tp_world_size(tp_group))
-    losses = _VocabParallelCrossEntropy.apply(local_logits, labels, tp_group, ignore_index, vocab_size)
+    if tp_world_size(tp_group) == 1:
+        losses = _whole_vocab_cross_entropy(local_logits, labels, ignore_index, vocab_size)
+    else:
+        losses = _VocabParallelCrossEntropy.apply(local_logits, labels, tp_group, ignore_index, vocab_size)
     if reduction == "none":
         return losses
     if reduction == "sum":
         return losses.sum()
     counted = (labels != ignore_index).sum()
     return losses.sum() / counted.clamp(min=1)
+
+
+def _whole_vocab_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int,
+                               vocab_size: int | None) -> torch.Tensor:
+    """Per-token losses when one rank holds the whole vocabulary: torch's fused log-softmax and NLL (forward
+    and backward in about half the passes over the logits of the hand-written kernel above), in fp32."""
+    if vocab_size is not None and vocab_size < logits.shape[-1]:
+        logits = logits[..., :vocab_size]  # TP padding columns are not tokens
+    losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+                             ignore_index=ignore_index, reduction="none")
+    return losses.view(labels.shape)
 
 
 def _check_labels(labels: torch.Tensor, ignore_index: int, vocab_size: int) -> None:

@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 from neva_core.errors import NevaError
 from neva_core.fingerprint import code_version
+from neva_core.model.llm import training_attention_mask
 from neva_core.train.checkpointing import (
     DEEPSPEED_TAG,
     Checkpoint,
@@ -153,7 +154,7 @@ def train(config: TrainConfig) -> int:
         loss_sum = torch.zeros((), dtype=torch.float64)
         for index, batch in enumerate(micro):
             part, _ = engine(batch.input_ids.to(device), batch.images.to(device, dtype), batch.labels.to(device),
-                             batch.attention_mask.to(device))
+                             model_mask(batch.attention_mask, device))
             # DeepSpeed averages gradients over the DP ranks: scale by dp so the result is the global mean.
             engine.backward(part * (plan.dp / supervised), scale_wrt_gas=False)
             loss_sum += part.detach().double().cpu()
@@ -238,6 +239,12 @@ def dp_sum(values: torch.Tensor, mpu: ModelParallelUnit) -> torch.Tensor:
     return values
 
 
+def model_mask(attention_mask: torch.Tensor, device: torch.device) -> torch.Tensor | None:
+    """The loader's (right-padded) mask as the model takes it: None keeps attention on the fused causal path."""
+    mask = training_attention_mask(attention_mask)
+    return None if mask is None else mask.to(device)
+
+
 def evaluate(engine: Any, loader: Any, mpu: ModelParallelUnit, dtype: torch.dtype) -> float:
     """Token-weighted loss over the fixed validation batches, summed over the DP ranks."""
     totals = torch.zeros(2, dtype=torch.float64)
@@ -245,7 +252,7 @@ def evaluate(engine: Any, loader: Any, mpu: ModelParallelUnit, dtype: torch.dtyp
     with torch.no_grad():
         for batch in loader:
             loss_sum, count = engine(batch.input_ids.to(engine.device), batch.images.to(engine.device, dtype),
-                                     batch.labels.to(engine.device), batch.attention_mask.to(engine.device))
+                                     batch.labels.to(engine.device), model_mask(batch.attention_mask, engine.device))
             totals += torch.stack([loss_sum.double().cpu(), count.double().cpu()])
     engine.train()
     totals = dp_sum(totals, mpu)

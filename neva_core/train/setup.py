@@ -73,7 +73,7 @@ class TrainingModule(nn.Module):
         self.neva = neva
 
     def forward(self, input_ids: torch.Tensor, images: torch.Tensor, labels: torch.Tensor,
-                attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         return self.neva.loss_terms(input_ids, images, labels, attention_mask)
 
 
