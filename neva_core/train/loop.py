@@ -19,6 +19,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 from typing import Any
 
 import torch
@@ -63,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s", force=True)
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    if not torch.cuda.is_available():
+        # energon's loaders always ask for pinned memory; without a GPU torch warns at every loader start.
+        warnings.filterwarnings("ignore", message=".*pin_memory.*no accelerator", category=UserWarning)
     try:
         return train(config)
     except NevaError as exc:
