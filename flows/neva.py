@@ -181,7 +181,8 @@ def train_and_export(config: PipelineConfig, stage: Stage, prepared: dict[str, A
         out = output_folder(runs_root, current.value, shards=shards, init=init, params=params.model_dump(),
                             tp=config.model.tp, dtype=config.model.dtype, **inputs)
         train = train_config(config, current.value, shards, out=out, init=init, **inputs)
-        results[current.value] = stages.call(train_task, train, stage=current.value, output=lambda r: r["final"])
+        results[current.value] = stages.call(train_task, train, config.train.kubernetes, stage=current.value,
+                                             output=lambda r: r["final"])
         used.append(out)
         init = out
     exported = stages.call(export_task, out / "final",

@@ -23,6 +23,7 @@ from neva_core.errors import NevaError
 from neva_core.eval.settings import EvaluationConfig
 from neva_core.tokenizer import NEVA_SPECIAL_TOKENS
 from neva_core.train.config import TrainConfig, make_train_config, read_config_file
+from neva_core.train.k8s import PyTorchJobSettings
 
 AUTO_TOKENIZER = "auto"
 
@@ -170,3 +171,6 @@ class TrainGroup(_Strict):
 
     pretrain: TrainParams = Field(default_factory=_llava_pretrain)  # type: ignore[valid-type]
     finetune: TrainParams = Field(default_factory=_llava_finetune)  # type: ignore[valid-type]
+    kubernetes: PyTorchJobSettings | None = Field(
+        None, description="run each training stage as a Kubeflow PyTorchJob on the cluster (image, nodes, GPUs, "
+                          "claim); null: local processes. The workdir must be on the claim, under its mount_path")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import sys
 import tempfile
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,16 +23,19 @@ from prefect.context import TaskRunContext
 from prefect.states import State
 
 from neva_core.errors import NevaError
-from neva_core.io import MANIFEST_NAME, sha256_file
+from neva_core.io import MANIFEST_NAME, sha256_file, write_json_atomic
 from neva_core.model.trained import read_trained_config
 from neva_core.process import run_command
 from neva_core.train.config import TrainConfig
+from neva_core.train.k8s import PyTorchJobSettings, training_job
 from tasks.artifacts import TrainingProgress, artifact_key, loss_curve_artifact, metrics_table_artifact, \
     output_link_artifacts
 from tasks.caching import StageCache
+from tasks.kubernetes import run_pytorchjob_logged
 from tasks.process import run_logger
 
 EXIT_BAD_INPUT = 2  # `neva train` refused its input before starting any process
+JOB_POLL_SECONDS = 5.0  # how often a PyTorchJob's conditions are read
 # Lines of the trainer's rank 0 (neva_core.train.metrics and loop) that tell how far it is.
 _STEP_LINE = re.compile(r"\bstep (?P<step>\d+) loss ")
 _RESUMED_LINE = re.compile(r"\bresuming from step (?P<step>\d+)")
@@ -60,7 +64,9 @@ class TrainCache(StageCache):
                     **kwargs: Any) -> str | None:
         config: TrainConfig = inputs["config"]
         keyed = {**config.model_dump(), "out": str(config.out)}
-        return super().compute_key(task_ctx, {"config": keyed}, flow_parameters, **kwargs)
+        # Where it runs counts too: a PyTorchJob's nodes and processes make another topology.
+        kubernetes = inputs.get("kubernetes")
+        return super().compute_key(task_ctx, {"config": keyed, "kubernetes": kubernetes}, flow_parameters, **kwargs)
 
 
 def final_complete(result: dict[str, Any]) -> None:
@@ -91,12 +97,33 @@ def train_command(config_file: Path) -> list[str]:
     return [sys.executable, "-m", "neva_core.cli", "train", "--config", str(config_file)]
 
 
-def run_trainer(config: TrainConfig, on_line: Callable[[str], None]) -> int:
-    """`neva train` on `config` (passed as a config file), each output line to `on_line`; its exit status."""
+def run_trainer(config: TrainConfig, on_line: Callable[[str], None],
+                kubernetes: PyTorchJobSettings | None = None) -> int:
+    """`neva train` on `config` (passed as a config file), each output line to `on_line`; its exit status.
+    With `kubernetes`, a PyTorchJob on the cluster runs it (run_on_kubernetes)."""
+    if kubernetes is not None:
+        return run_on_kubernetes(config, kubernetes, on_line)
     with tempfile.TemporaryDirectory(prefix="neva-train-") as scratch:
         config_file = Path(scratch) / "train.json"
         config_file.write_text(config.model_dump_json())
         return run_command(train_command(config_file), on_line)
+
+
+def run_on_kubernetes(config: TrainConfig, settings: PyTorchJobSettings, on_line: Callable[[str], None]) -> int:
+    """The run as a Kubeflow PyTorchJob whose pods read the TrainConfig from OUT's sibling `<OUT>.train.json`
+    on the claim; the master's lines go to `on_line`. A failed job is a TrainerFailed (the retry's new job
+    resumes from the last committed checkpoint); a cancelled run deletes the job (run_pytorchjob)."""
+    config_file = config.out.with_name(f"{config.out.name}.train.json")
+    # A new name per attempt: a failed job is kept for inspection until its TTL.
+    name = re.sub(r"[^a-z0-9-]+", "-", f"neva-{config.out.name}".lower())[:48].strip("-")
+    job = training_job(config, settings, config_file, f"{name}-{uuid.uuid4().hex[:6]}")
+    config_file.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(config_file, config.model_dump(mode="json"))
+    try:
+        run_pytorchjob_logged(job, poll_seconds=JOB_POLL_SECONDS, on_line=on_line)
+    except NevaError as exc:
+        raise TrainerFailed(f"{exc}; a retry starts a new job that resumes from the last committed checkpoint") from None
+    return 0
 
 
 def final_metrics(config: TrainConfig) -> dict[str, Any]:
@@ -143,12 +170,13 @@ def publish_results(config: TrainConfig, result: dict[str, Any]) -> None:
     retry_condition_fn=retry_unless_bad_input,
     persist_result=True,
 )
-def train_task(config: TrainConfig) -> dict[str, Any]:
-    """Run `neva train` on `config` (resuming what an earlier attempt committed); the finished run's metrics."""
+def train_task(config: TrainConfig, kubernetes: PyTorchJobSettings | None = None) -> dict[str, Any]:
+    """Run `neva train` on `config` (resuming what an earlier attempt committed), here or as a PyTorchJob on
+    the cluster (`kubernetes`); the finished run's metrics."""
     in_prefect = TaskRunContext.get() is not None
     progress = TrainingProgress(config.max_steps, key=artifact_key("neva", config.stage, "progress"),
                                 description=f"{config.stage}: steps done") if in_prefect else None
-    status = run_trainer(config, ProgressFromLines(progress, run_logger().info))
+    status = run_trainer(config, ProgressFromLines(progress, run_logger().info), kubernetes)
     if status == EXIT_BAD_INPUT:
         raise TrainingInputRefused(f"neva train refused the {config.stage} input (exit status 2); its message is "
                                    "in the log above. Fix the configuration or the inputs and run again")

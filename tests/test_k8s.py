@@ -248,3 +248,66 @@ def test_base_job_template_without_optional_values_is_still_valid() -> None:
     assert "nodeSelector" not in pod and "serviceAccountName" not in pod
     with pytest.raises(jsonschema.ValidationError, match="pvc_name"):
         render_base_template(name="n", command="c", env={}, labels={}, image="registry.example/neva:1")
+
+
+def kubernetes_training(tmp_path, **changes: object):
+    from neva_core.train.config import TrainConfig
+    from neva_core.train.k8s import PyTorchJobSettings
+
+    work = tmp_path / "claim" / "work"
+    config = TrainConfig(shards=work / "shards", llm=work / "llm", vision=work / "clip", tokenizer=work / "tok",
+                         out=work / "runs" / "pretrain-0123abcd", stage="pretrain", template="plain", max_steps=4,
+                         micro_batch=2, global_batch=8, lr=1e-3)
+    values = dict(image="registry.example/neva:1", nnodes=2, gpus_per_node=2, pvc="neva-work",
+                  mount_path=str(tmp_path / "claim"))
+    return config, PyTorchJobSettings(**(values | changes))
+
+
+def test_the_train_task_runs_a_pytorchjob_whose_pods_read_the_run_and_their_place(tmp_path, monkeypatch) -> None:
+    import tasks.kubernetes
+    from neva_core.train.config import TrainConfig
+    from tasks.train import run_trainer
+
+    config, settings = kubernetes_training(tmp_path)
+    custom = FakeCustomObjectsApi(["Created", "Running", "Succeeded"])
+    core = FakeCoreV1Api(FakeLogResponse([b"step 1 loss 2.0\nfinished at ", b"step 4\n"]))
+    monkeypatch.setattr(tasks.kubernetes, "kubernetes_apis", lambda: (custom, core))
+    monkeypatch.setattr("tasks.train.JOB_POLL_SECONDS", 0.01)
+    lines: list[str] = []
+    assert run_trainer(config, lines.append, settings) == 0
+    assert lines == ["step 1 loss 2.0", "finished at step 4"]  # the master's log, as the progress parser reads it
+    (job,) = custom.created
+    validate_pytorchjob(job)
+    assert job["metadata"]["name"].startswith("neva-pretrain-0123abcd-")
+    parser = build_train_parser()
+    for replica_type, index, node_rank in (("Master", 0, 0), ("Worker", 0, 1)):
+        (container,) = job["spec"]["pytorchReplicaSpecs"][replica_type]["template"]["spec"]["containers"]
+        assert container["command"][:3] == ["neva", "train", "--config"]
+        # The file on the claim holds this run; the operator's environment gives each pod its place.
+        placed = train_config_from_args(parser.parse_args(container["command"][2:]),
+                                        operator_environment(job, replica_type, index))
+        assert placed.model_dump(exclude={"nnodes", "node_rank", "nproc", "master_addr", "master_port"}) == \
+            config.model_dump(exclude={"nnodes", "node_rank", "nproc", "master_addr", "master_port"})
+        assert (placed.nnodes, placed.nproc, placed.node_rank) == (2, 2, node_rank)
+    assert TrainConfig.model_validate_json(config.out.with_name("pretrain-0123abcd.train.json").read_text()) == config
+
+
+def test_a_failed_training_job_is_retried_and_a_workdir_off_the_claim_is_refused(tmp_path, monkeypatch) -> None:
+    import tasks.kubernetes
+    from tasks.train import TrainerFailed, retry_unless_bad_input, run_trainer
+
+    config, settings = kubernetes_training(tmp_path)
+    custom = FakeCustomObjectsApi(["Running", "Failed"], message="pod neva-worker-0 OOMKilled")
+    monkeypatch.setattr(tasks.kubernetes, "kubernetes_apis",
+                        lambda: (custom, FakeCoreV1Api(FakeLogResponse([]))))
+    monkeypatch.setattr("tasks.train.JOB_POLL_SECONDS", 0.01)
+    with pytest.raises(TrainerFailed, match="OOMKilled.*a retry starts a new job that resumes") as failed:
+        run_trainer(config, lambda line: None, settings)
+    assert len(custom.deleted) == 1
+    state = type("State", (), {"data": failed.value})()
+    assert retry_unless_bad_input(None, None, state)
+    _, elsewhere = kubernetes_training(tmp_path, mount_path="/workspace")
+    with pytest.raises(NevaError, match=r"out, shards, .* are outside mount_path /workspace"):
+        run_trainer(config, lambda line: None, elsewhere)
+    with pytest.raises(NevaError, match="pvc is not set"):
+        run_trainer(config, lambda line: None, settings.model_copy(update={"pvc": None}))

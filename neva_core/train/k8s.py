@@ -17,12 +17,13 @@ import re
 import threading
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from neva_core.errors import NevaError
-from neva_core.train.config import flag
+from neva_core.train.config import TrainConfig, flag
 
 GROUP, VERSION, PLURAL, KIND = "kubeflow.org", "v1", "pytorchjobs", "PyTorchJob"
 CONTAINER = "pytorch"  # the operator finds the training container and its port by these names
@@ -36,19 +37,18 @@ _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 _POLL_SECONDS = 5.0
 
 
-class PyTorchJobConfig(BaseModel):
-    """What a multi-node training job needs beyond `neva train`'s own flags."""
+class PyTorchJobSettings(BaseModel):
+    """Where and how a training job runs on the cluster: everything but its name and `neva train` flags
+    (the `neva` flow's `train.kubernetes`, which names each job and writes the flags itself)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: str = Field(description="the job's name; pods are NAME-master-0, NAME-worker-I")
     namespace: str = "default"
     image: str = Field(description="a container image with neva installed (the `neva` command on PATH)")
     nnodes: int = Field(ge=1, description="pods, one per node: a master and nnodes - 1 workers")
     gpus_per_node: int = Field(ge=0, description="nvidia.com/gpu per pod; one training process per GPU")
     nproc_per_node: int | None = Field(default=None, ge=1, description="processes per pod (default: the GPUs, "
                                        "or 1 without GPUs)")
-    train_args: tuple[str, ...] = Field(description="the flags after `neva train` (paths under mount_path)")
     pvc: str | None = Field(default=None, description="PersistentVolumeClaim mounted at mount_path in every pod")
     mount_path: str = "/workspace"
     node_selector: dict[str, str] = Field(default_factory=dict)
@@ -59,6 +59,13 @@ class PyTorchJobConfig(BaseModel):
                                  "than the container default of 64 MiB); None keeps the default")
     image_pull_policy: str = "IfNotPresent"
     ttl_seconds_after_finished: int | None = Field(default=86400, ge=0)
+
+
+class PyTorchJobConfig(PyTorchJobSettings):
+    """What a multi-node training job needs beyond `neva train`'s own flags."""
+
+    name: str = Field(description="the job's name; pods are NAME-master-0, NAME-worker-I")
+    train_args: tuple[str, ...] = Field(description="the flags after `neva train` (paths under mount_path)")
 
     @field_validator("name")
     @classmethod
@@ -86,6 +93,23 @@ class PyTorchJobConfig(BaseModel):
     @property
     def processes_per_node(self) -> int:
         return self.nproc_per_node or max(self.gpus_per_node, 1)
+
+
+def training_job(config: TrainConfig, settings: PyTorchJobSettings, config_file: Path, name: str) -> PyTorchJobConfig:
+    """The PyTorchJob that runs `config` on the cluster: every pod reads the TrainConfig from `config_file` on
+    the claim (so every path in it must be under mount_path) and its place (nodes, rank, master, processes)
+    from the operator's environment, which overrides the file's."""
+    mount = PurePosixPath(settings.mount_path)
+    paths = {"out": config.out, "shards": config.shards, "llm": config.llm, "vision": config.vision,
+             "tokenizer": config.tokenizer, "init": config.init, "config file": config_file}
+    outside = sorted(what for what, path in paths.items()
+                     if path is not None and not PurePosixPath(path).is_relative_to(mount))
+    if settings.pvc is None or outside:
+        raise NevaError(f"train.kubernetes: the pods see the workdir only through the claim, but "
+                        f"{'pvc is not set' if settings.pvc is None else ', '.join(outside) + ' are outside'} "
+                        f"mount_path {mount}; set pvc, and a workdir under {mount} where the flow run mounts "
+                        "the same claim (deployments/k8s/base-job-template.json)")
+    return PyTorchJobConfig(**settings.model_dump(), name=name, train_args=("--config", str(config_file)))
 
 
 def load_pytorchjob_config(values: Mapping[str, Any]) -> PyTorchJobConfig:
