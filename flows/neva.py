@@ -150,7 +150,8 @@ def prepare_dataset(dataset: DatasetConfig, workdir: Path, stages: StageLog, dow
         unzipped = stages.call(unzip_task, zip_path, output_folder(workdir / "images", dataset.name, zip=zip_path),
                                stage=f"{prefix}unzip", output=lambda r: r["dest"])
         outputs.append(Path(unzipped["dest"]))
-    shard_params = {"maxcount": dataset.maxcount, "val_fraction": dataset.val_fraction}
+    shard_params = {"maxcount": dataset.maxcount, "val_fraction": dataset.val_fraction,
+                    "image_prefix": dataset.image_prefix}
     shards = stages.call(shard_task, json_path, zip_path,
                          output_folder(workdir / "shards", dataset.name, json=json_path, images=zip_path,
                                        **shard_params),

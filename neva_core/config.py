@@ -56,6 +56,10 @@ class DatasetConfig(_Strict):
         description="share of records in the val split (default 0: every record trains, as in the LLaVA recipes; "
                     "set it for validation loss)",
     )
+    image_prefix: str = Field(
+        "", pattern=r"^([A-Za-z0-9._-]+/)*$",
+        description="folder put before every record's image path inside the images archive or folder "
+                    "('train2017/' for COCO's train2017.zip under LLaVA-Instruct-150K)")
 
     _sources = field_validator("json_source", "images_source")(_check_source)
 
@@ -65,6 +69,7 @@ def _instruct_dataset() -> DatasetConfig:
         name="llava-instruct-150k",
         json_source="hf://datasets/liuhaotian/LLaVA-Instruct-150K/llava_instruct_150k.json",
         images_source="http://images.cocodataset.org/zips/train2017.zip",
+        image_prefix="train2017/",  # the zip's folder; the records name bare COCO file names
     )
 
 

@@ -98,9 +98,11 @@ def shard_task(
     maxcount: int = 10000,
     workers: int | None = None,
     val_fraction: float = DEFAULT_VAL_FRACTION,
+    image_prefix: str = "",
 ) -> dict[str, Any]:
     """Validate every record and image and write webdataset shards (+ energon metadata) into `out_dir`."""
-    result = shard_dataset(json_path, images, out_dir, maxcount=maxcount, workers=workers, val_fraction=val_fraction)
+    result = shard_dataset(json_path, images, out_dir, maxcount=maxcount, workers=workers, val_fraction=val_fraction,
+                           image_prefix=image_prefix)
     if TaskRunContext.get() is not None:  # `shard_task.fn(...)` also runs outside Prefect
         create_markdown_artifact(key="shard-summary", markdown=shard_summary(result.to_dict()),
                                  description=f"shards in {out_dir}")

@@ -37,6 +37,7 @@ from shard_support import (
     skipped_lines,
     tar_members,
     valid_dataset,
+    write_folder,
     write_json,
     write_zip,
 )
@@ -327,12 +328,30 @@ def test_sigkill_mid_run_then_rerun_gives_the_uninterrupted_result(tmp_path):
     ({"maxcount": 0}, "--maxcount must be a positive integer"),
     ({"val_fraction": 1.0}, r"--val-fraction must be in \[0, 1\)"),
     ({"workers": 0}, "--workers must be a positive integer"),
+    ({"image_prefix": "train2017"}, "--image-prefix 'train2017' must be a relative folder path ending with '/'"),
+    ({"image_prefix": "../x/"}, "without '..'"),
 ])
 def test_bad_parameters_are_clear_errors(tmp_path, kwargs, message):
     records, images = valid_dataset(1)
     json_path, zip_path, _ = dataset(tmp_path, records, images)
     with pytest.raises(NevaError, match=message):
         shard_dataset(json_path, zip_path, tmp_path / "out", **kwargs)
+
+
+def test_an_image_prefix_finds_records_bare_names_under_the_archives_folder(tmp_path):
+    """COCO's train2017.zip holds train2017/<file>; LLaVA-Instruct-150K's records name <file>."""
+    records, images = valid_dataset(4)
+    json_path, _, _ = dataset(tmp_path, records, images)
+    inside = {f"train2017/{name}": data for name, data in images.items()}
+    for images_path in (write_zip(tmp_path / "train2017.zip", inside), write_folder(tmp_path / "coco", inside)):
+        prefixed = shard_dataset(json_path, images_path, tmp_path / f"out-{images_path.name}", workers=1,
+                                 image_prefix="train2017/")
+        assert (prefixed.written, prefixed.skipped) == (4, 0)
+        # The samples are the same bytes as from an archive whose entries are the records' own names.
+        assert shard_files(Path(prefixed.out_dir)) == shard_files(
+            Path(shard_dataset(json_path, tmp_path / "images.zip", tmp_path / "out-plain", workers=1).out_dir))
+    unprefixed = shard_dataset(json_path, tmp_path / "train2017.zip", tmp_path / "out-missing", workers=1)
+    assert (unprefixed.written, unprefixed.skipped_by_reason) == (0, {"missing_image": 4})
 
 
 def test_missing_inputs_and_a_non_zip_are_clear_errors(tmp_path):
@@ -356,7 +375,8 @@ def test_cli_writes_shards_and_reports(tmp_path, monkeypatch, capsys):
     assert code == 0
     assert f"of {len(records)} records written" in printed and "duplicate_id 1" in printed
     assert "converted to PNG: bmp 1, gif 1" in printed
-    assert manifest(tmp_path / "out")["params"] == {"maxcount": 5, "val_fraction": 0.2, "split_seed": 3}
+    assert manifest(tmp_path / "out")["params"] == {"maxcount": 5, "val_fraction": 0.2, "split_seed": 3,
+                                                    "image_prefix": ""}
 
 
 def test_cli_errors_exit_2_with_the_reason(tmp_path, monkeypatch, capsys):

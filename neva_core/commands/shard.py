@@ -44,13 +44,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "the LLaVA recipes; give e.g. 0.01 for a validation loss)")
     p.add_argument("--split-seed", type=int, default=0, metavar="N",
                    help="salt of the train/val hash: another seed picks another validation set (default: 0)")
+    p.add_argument("--image-prefix", default="", metavar="DIR/",
+                   help="put before every record's image path to find it in --images, e.g. 'train2017/' for "
+                        "COCO's train2017.zip under LLaVA-Instruct-150K's bare file names (default: none)")
     p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
     result = shard_dataset(
         args.json, args.images, args.out, maxcount=args.maxcount, workers=args.workers,
-        val_fraction=args.val_fraction, split_seed=args.split_seed,
+        val_fraction=args.val_fraction, split_seed=args.split_seed, image_prefix=args.image_prefix,
     )
     splits = ", ".join(f"{split} {count}" for split, count in result.split_samples.items() if count)
     reasons = ", ".join(f"{reason} {count}" for reason, count in result.skipped_by_reason.items())

@@ -31,6 +31,9 @@ class ShardParams:
     maxcount: int = DEFAULT_MAXCOUNT
     val_fraction: float = DEFAULT_VAL_FRACTION
     split_seed: int = 0
+    # Put before every record's image path to find it in the archive or folder: COCO's train2017.zip holds
+    # `train2017/<file>` while LLaVA-Instruct-150K's records name `<file>`.
+    image_prefix: str = ""
 
     def __post_init__(self) -> None:
         if isinstance(self.maxcount, bool) or not isinstance(self.maxcount, int) or self.maxcount < 1:
@@ -39,6 +42,11 @@ class ShardParams:
             raise NevaError(f"--val-fraction must be in [0, 1), got {self.val_fraction!r}")
         if isinstance(self.split_seed, bool) or not isinstance(self.split_seed, int):
             raise NevaError(f"--split-seed must be an integer, got {self.split_seed!r}")
+        prefix = self.image_prefix
+        if prefix and (not prefix.endswith("/") or prefix.startswith("/") or ".." in prefix.split("/")
+                       or "\\" in prefix):
+            raise NevaError(f"--image-prefix {prefix!r} must be a relative folder path ending with '/' "
+                            "(such as 'train2017/'), without '..' or backslashes")
 
 
 # One record as a worker gets it: (index in the input list, sample key, relative image path or None for a
@@ -100,7 +108,7 @@ def plan_tasks(
             continue
         first_index[verdict.key] = index
         split = split_of(verdict.key, params.val_fraction, params.split_seed)
-        batches[split].append(_planned(verdict, source))
+        batches[split].append(_planned(verdict, source, params.image_prefix))
         if len(batches[split]) == params.maxcount:
             yield task_for(split)
     for split in (TRAIN, VAL):
@@ -108,8 +116,8 @@ def plan_tasks(
             yield task_for(split)
 
 
-def _planned(record: ValidRecord, source: ImageSource) -> PlannedSample:
-    ref = None if record.image is None else source.locate(record.image)
+def _planned(record: ValidRecord, source: ImageSource, image_prefix: str) -> PlannedSample:
+    ref = None if record.image is None else source.locate(image_prefix + record.image)
     return record.index, record.key, record.image, ref, _RECORD_ENCODER.encode(record.record).encode()
 
 

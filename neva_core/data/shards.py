@@ -93,6 +93,7 @@ def shard_dataset(
     workers: int | None = None,
     val_fraction: float = DEFAULT_VAL_FRACTION,
     split_seed: int = 0,
+    image_prefix: str = "",
 ) -> ShardResult:
     """Validate every record and image and write webdataset shards plus energon metadata into `out_dir`.
 
@@ -100,7 +101,8 @@ def shard_dataset(
     resumed, keeping its finished shards. The result is byte-identical whatever `workers` is.
     """
     json_path, images, out_dir = Path(json_path), Path(images), Path(out_dir)
-    params = ShardParams(maxcount=maxcount, val_fraction=val_fraction, split_seed=split_seed)
+    params = ShardParams(maxcount=maxcount, val_fraction=val_fraction, split_seed=split_seed,
+                         image_prefix=image_prefix)
     workers = default_workers() if workers is None else workers
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise NevaError(f"--workers must be a positive integer, got {workers!r}")
