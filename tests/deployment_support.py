@@ -115,6 +115,9 @@ class PrefectStack:
             "PREFECT_CLI_PROMPT": "false",
             "PREFECT_LOGGING_LEVEL": "INFO",
             "OMP_NUM_THREADS": "1",
+            # DeepSpeed's CPU communication op is built once per checkout and shared with the training tests:
+            # on a fresh clone the first deployment run pays that build (about a minute, more on busy cores).
+            "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions")),
             TAG_VAR: self.tag,
         }
         return {**env, **(extra or {})}
@@ -166,7 +169,7 @@ class PrefectStack:
             raise AssertionError(f"the worker exited {self.worker.returncode}:\n{self.log('worker')}")
         return "started!" in self.log("worker")
 
-    def run_deployment(self, name: str, *params: str, timeout: float = 300) -> tuple[str, str]:
+    def run_deployment(self, name: str, *params: str, timeout: float = 900) -> tuple[str, str]:
         """`prefect deployment run NAME --param P... --watch`: the flow run's id and the command's output."""
         args = ["deployment", "run", name, *(arg for p in params for arg in ("--param", p)), "--watch"]
         output = self.prefect(*args, timeout=timeout)
