@@ -7,6 +7,7 @@ import logging
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from prefect.cache_policies import CachePolicy
@@ -16,6 +17,7 @@ from prefect.states import State
 
 from neva_core.errors import NevaError, TransientError
 from neva_core.fingerprint import cache_key
+from neva_core.io import MANIFEST_NAME, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +66,12 @@ class StageCache(CachePolicy):
             log.warning("%s: the cached outputs are gone or incomplete (%s); running the stage again", self.stage, exc)
             return False
         return True
+
+
+def check_same_manifest(folder: Path | str, manifest_sha256: str, what: str) -> None:
+    """A cached result's folder still holds what the result describes: its manifest is the recorded one."""
+    if sha256_file(Path(folder) / MANIFEST_NAME) != manifest_sha256:
+        raise NevaError(f"{folder} now holds another {what} than the one this result describes")
 
 
 def retry_transient(task: Any, task_run: TaskRun, state: State) -> bool:

@@ -10,10 +10,9 @@ from prefect import task
 from neva_core.checkpoint.convert import convert_hf_checkpoint
 from neva_core.checkpoint.layout import verify_native
 from neva_core.checkpoint.repartition import repartition
-from neva_core.errors import NevaError
-from neva_core.io import MANIFEST_NAME, read_manifest, sha256_file, verify_files
+from neva_core.io import read_manifest, verify_files
 from neva_core.tokenizer import extend_tokenizer
-from tasks.caching import StageCache
+from tasks.caching import StageCache, check_same_manifest
 from tasks.results import to_json
 
 
@@ -41,8 +40,7 @@ def extend_tokenizer_task(
 
 def _native_checkpoint_complete(result: dict[str, Any]) -> None:
     verify_native(result["path"], deep=False)
-    if sha256_file(Path(result["path"]) / MANIFEST_NAME) != result["manifest_sha256"]:
-        raise NevaError(f"{result['path']} now holds another checkpoint than the one this result describes")
+    check_same_manifest(result["path"], result["manifest_sha256"], "checkpoint")
 
 
 @task(

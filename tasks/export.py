@@ -7,19 +7,17 @@ from typing import Any
 
 from prefect import task
 
-from neva_core.errors import NevaError
 from neva_core.io import MANIFEST_NAME, read_manifest, sha256_file, verify_files
 from neva_core.llava import export_llava
 from neva_core.model.trained import read_trained_config
-from tasks.caching import StageCache
+from tasks.caching import StageCache, check_same_manifest
 
 
 def export_complete(result: dict[str, Any]) -> None:
     """The export folder is still whole (its manifest's files, by size) and the one this result describes."""
     folder = Path(result["path"])
     verify_files(folder, read_manifest(folder)["files"], check_hash=False)
-    if sha256_file(folder / MANIFEST_NAME) != result["manifest_sha256"]:
-        raise NevaError(f"{folder} now holds another export than the one this result describes")
+    check_same_manifest(folder, result["manifest_sha256"], "export")
 
 
 @task(

@@ -30,7 +30,7 @@ from neva_core.train.config import TrainConfig
 from neva_core.train.k8s import PyTorchJobSettings, training_job
 from tasks.artifacts import TrainingProgress, artifact_key, loss_curve_artifact, metrics_table_artifact, \
     output_link_artifacts
-from tasks.caching import StageCache
+from tasks.caching import StageCache, check_same_manifest
 from tasks.kubernetes import run_pytorchjob_logged
 from tasks.process import run_logger
 
@@ -72,8 +72,7 @@ class TrainCache(StageCache):
 def final_complete(result: dict[str, Any]) -> None:
     """OUT/final is a complete trained-model folder (manifest and sizes), the one this result describes."""
     folder, _, _ = read_trained_config(result["final"])
-    if sha256_file(folder / MANIFEST_NAME) != result["manifest_sha256"]:
-        raise NevaError(f"{folder} now holds another trained model than the one this result describes")
+    check_same_manifest(folder, result["manifest_sha256"], "trained model")
 
 
 class ProgressFromLines:

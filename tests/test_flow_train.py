@@ -172,7 +172,7 @@ def test_heldout_captions_match_our_own_generation(demo_run) -> None:
 
     from neva_core.data.preprocess import ImageProcessor
     from neva_core.data.text_tokenizer import load_text_tokenizer
-    from neva_core.eval.heldout import image_reader
+    from neva_core.eval.benchmarks import ImageFiles
     from neva_core.generate import generate_answers
     from neva_core.model.trained import load_trained_model
 
@@ -184,8 +184,8 @@ def test_heldout_captions_match_our_own_generation(demo_run) -> None:
     model = load_trained_model(folder).eval()
     processor = ImageProcessor.from_folder(folder / "vision", aspect=document["provenance"]["config"]["image_aspect"])
     paths, questions, truths = read_heldout(fixtures.heldout_json)
-    with image_reader(fixtures.pretrain_zip) as read_image:
-        images = torch.stack([processor(read_image(name)) for name in paths])
+    files = ImageFiles(fixtures.pretrain_zip)
+    images = torch.stack([processor(files.open(name)) for name in paths])
     with torch.no_grad():
         ours = generate_answers(model, load_text_tokenizer(folder / "tokenizer"), settings.template,
                                 [f"<image>\n{q}" for q in questions], images, max_new_tokens=12)

@@ -43,14 +43,13 @@ def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # The embedded server can take over 20 s (Prefect's default limit) to start on busy cores.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-    from flows.neva import neva, run_name
-    from neva_core.demo import demo_accuracy, demo_config, demo_fixtures
-    from neva_core.eval.captions import caption_scores
-    from neva_core.model.neva import Stage
-
     from pydantic import ValidationError
 
+    from flows.neva import neva, run_name
+    from neva_core.demo import demo_accuracy, demo_config, demo_fixtures
     from neva_core.errors import NevaError
+    from neva_core.eval.captions import caption_scores
+    from neva_core.model.neva import Stage
 
     try:
         config = demo_config(args.workdir, images=args.images, seed=args.seed, tp=args.tp,

@@ -43,7 +43,7 @@ class EvalSample:
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
-class _ImageFiles:
+class ImageFiles:
     """Images by file name from a folder (searched below it too) or a zip (any folder inside it)."""
 
     def __init__(self, path: Path) -> None:
@@ -90,7 +90,7 @@ class _ImageFiles:
 def read_coco(gt_path: Path, images: Path) -> Iterator[EvalSample]:
     """The ground truth's images with their reference captions (sample_id = the COCO image id)."""
     truth = load_ground_truth(gt_path)
-    files = _ImageFiles(images)
+    files = ImageFiles(images)
     for image_id in truth.image_ids:
         name = truth.file_names.get(image_id) or COCO_IMAGE_NAME.format(image_id)
         yield EvalSample(sample_id=image_id, images=[files.open(name)], question="",
@@ -185,7 +185,7 @@ def read_textvqa(json_path: Path, images: Path) -> Iterator[EvalSample]:
     json_path = Path(json_path)
     data = read_json(json_path, f"{json_path} does not exist (TextVQA_0.5.1_val.json)")
     records = data["data"] if isinstance(data, dict) and "data" in data else data
-    files = _ImageFiles(images)
+    files = ImageFiles(images)
     for record in records:
         missing = [k for k in ("question_id", "question", "image_id") if k not in record]
         if missing:

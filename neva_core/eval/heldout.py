@@ -8,16 +8,12 @@ the export.
 
 from __future__ import annotations
 
-import io
 import json
-import zipfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
 
 from neva_core.errors import NevaError
+from neva_core.eval.benchmarks import ImageFiles
 
 IMAGE_PLACEHOLDER = "<image>"
 
@@ -51,29 +47,6 @@ def read_heldout(heldout_json: Path) -> tuple[list[str], list[str], list[str]]:
     return images, questions, truths
 
 
-@contextmanager
-def image_reader(images: Path) -> Iterator[Callable[[str], Any]]:
-    """A function from a record's image path to an RGB PIL image, reading a zip or a folder."""
-    from PIL import Image
-
-    images = Path(images)
-    if images.is_dir():
-        yield lambda name: Image.open(images / name).convert("RGB")
-        return
-    try:
-        archive = zipfile.ZipFile(images)
-    except (OSError, zipfile.BadZipFile) as exc:
-        raise NevaError(f"{images} is neither an image folder nor a readable zip: {exc}") from None
-    with archive:
-        def read(name: str) -> Any:
-            try:
-                return Image.open(io.BytesIO(archive.read(name))).convert("RGB")
-            except KeyError:
-                raise NevaError(f"{images} has no image {name}") from None
-
-        yield read
-
-
 def heldout_captions(export_dir: Path, heldout_json: Path, images: Path, *, batch: int = 32,
                      max_new_tokens: int = 16) -> HeldoutResult:
     """Greedy answers of the HF LLaVA export at `export_dir` to each held-out record's question about its
@@ -97,7 +70,8 @@ def heldout_captions(export_dir: Path, heldout_json: Path, images: Path, *, batc
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
         add_generation_prompt=True) for question in questions]
     answers: list[str] = []
-    with image_reader(images) as read_image, torch.no_grad():
+    read_image = ImageFiles(images).open
+    with torch.no_grad():
         for start in range(0, len(paths), batch):
             stop = start + batch
             inputs = processor(images=[read_image(name) for name in paths[start:stop]], text=prompts[start:stop],

@@ -24,7 +24,6 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from itertools import islice
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -71,7 +70,7 @@ def check_eval_inputs(config: TrainConfig) -> None:
     except NevaError as exc:
         raise NevaError(f"{where}: {exc}") from None
     if task == "coco" and shutil.which("java") is None:
-        raise NevaError(f"--eval-task coco scores with pycocoevalcap's PTB tokenizer, which needs Java, and `java` "
+        raise NevaError("--eval-task coco scores with pycocoevalcap's PTB tokenizer, which needs Java, and `java` "
                         "is not on PATH: install a JRE (e.g. openjdk-17-jre-headless), or choose another --eval-task")
 
 
